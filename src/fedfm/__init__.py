@@ -1,0 +1,3 @@
+"""fedfm: federated fine-tuning of foundation models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,376 @@
+"""The schema of a federated run: one pydantic model, loaded from YAML.
+
+A run is four choices (see DESIGN.md): the *task* (``model`` + ``adapter`` + ``data``), the
+*federation* (``federation``), the *algorithm* (``algorithm``) and the *runtime* (``runtime``),
+plus ``eval``, ``tracking`` and ``seed``. Every section forbids unknown keys, so a typo is an
+error that names the field path, the bad value and what is allowed -- before any work starts.
+
+``load_config(path, overrides=["algorithm.local.lr=1e-3"])`` is the one entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid. The message names the field path and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- task
+
+
+TaskKind = Literal["causal_lm", "classification", "seq2seq"]
+
+
+class ModelConfig(_Section):
+    """Which foundation model: a preset (``tiny-llama``, ``tiny-gpt2``, ``tiny-bert``,
+    ``tiny-t5``, ``minilm``), a Hugging Face hub id, or a local directory."""
+
+    name: str = Field(min_length=1)
+    task: TaskKind | None = None  # None: the preset's task, else causal_lm
+    num_labels: int | None = Field(default=None, ge=2)
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    max_length: int = Field(default=256, ge=8, le=131072)
+    # Extra keys for a preset's model config (e.g. hidden_size) -- presets only.
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+AdapterKind = Literal[
+    "lora", "ia3", "prompt_tuning", "prefix_tuning",
+    "bitfit", "layernorm", "last_layers", "head", "full",
+]
+
+
+class AdapterConfig(_Section):
+    """The PEFT family. Reparameterization: lora; additive: ia3, prompt_tuning, prefix_tuning;
+    selective: bitfit, layernorm, last_layers, head; and full fine-tuning as the baseline."""
+
+    kind: AdapterKind = "lora"
+    r: int = Field(default=8, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None  # None: the model family's default
+    num_virtual_tokens: int = Field(default=16, ge=1)
+    num_layers: int = Field(default=1, ge=1)  # last_layers: how many final blocks train
+    # Classification: also train (and communicate) the classifier head with the adapter.
+    train_head: bool = True
+
+
+DataFormat = Literal["instruction", "chat", "classification", "preference"]
+
+
+class InstructionFields(_Section):
+    """Column names for the instruction format (Alpaca and Dolly names both work)."""
+
+    instruction: str = "instruction"
+    input: list[str] = Field(default_factory=lambda: ["input", "context"])
+    output: list[str] = Field(default_factory=lambda: ["output", "response"])
+
+
+PartitionKind = Literal["iid", "dirichlet", "natural", "shards", "quantity"]
+
+
+class PartitionConfig(_Section):
+    """How the training rows are split over clients."""
+
+    kind: PartitionKind = "iid"
+    alpha: float = Field(default=0.5, gt=0)  # dirichlet concentration; quantity: power-law exponent
+    by: str | None = None  # column for dirichlet / natural / shards (default: the label)
+    shards_per_client: int = Field(default=2, ge=1)
+    min_size: int = Field(default=1, ge=1)
+
+
+class DataConfig(_Section):
+    """Where the data is, what format it has, and how it is partitioned."""
+
+    path: str = Field(min_length=1)  # jsonl/json/csv/parquet file, or a saved HF dataset dir
+    format: DataFormat
+    validation_path: str | None = None  # global validation set; else a held-out share of `path`
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_rows: int | None = Field(default=None, ge=1)
+    max_validation_rows: int | None = Field(default=None, ge=1)
+    on_error: Literal["raise", "skip"] = "raise"
+    # classification
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    label_names: list[str] | None = None
+    # instruction / chat / preference
+    instruction_fields: InstructionFields = Field(default_factory=InstructionFields)
+    prompt_template: Literal["alpaca", "plain"] = "alpaca"
+    messages_field: str = "messages"
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    client_validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+# --------------------------------------------------------------------------- federation
+
+
+class FederationConfig(_Section):
+    """Who learns: how many clients, how many take part per round, for how many rounds."""
+
+    num_clients: int = Field(default=10, ge=1)
+    clients_per_round: int | None = Field(default=None, ge=1)
+    fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    rounds: int = Field(default=5, ge=1)
+    dropout_prob: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_way_to_sample(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("set clients_per_round or fraction, not both")
+        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} exceeds "
+                f"num_clients={self.num_clients}"
+            )
+        return self
+
+    def sample_size(self) -> int:
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        if self.fraction is not None:
+            return max(1, round(self.fraction * self.num_clients))
+        return self.num_clients
+
+
+# --------------------------------------------------------------------------- algorithm
+
+
+class LocalTrainingConfig(_Section):
+    """What each client does with its data in one round."""
+
+    steps: int | None = Field(default=10, ge=1)  # optimizer steps; wins over epochs
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> LocalTrainingConfig:
+        if self.steps is None and self.epochs is None:
+            raise ValueError("set local.steps or local.epochs")
+        return self
+
+
+ServerOptimizerName = Literal["sgd", "avgm", "adam", "yogi", "adagrad"]
+
+
+class ServerOptimizerConfig(_Section):
+    """FedOpt server optimizers (Reddi et al., ICLR 2021). ``sgd`` with lr=1 is plain FedAvg."""
+
+    name: ServerOptimizerName = "sgd"
+    lr: float = Field(default=1.0, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # avgm
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)  # adaptivity
+    initial_accumulator: float = Field(default=0.0, ge=0)  # v_{-1} for adaptive methods
+
+
+class AlgorithmConfig(_Section):
+    """How clients learn: the client procedure and the server rule, found by name."""
+
+    name: str = "fedavg"  # checked against the algorithm registry when the run is built
+    mu: float = Field(default=0.0, ge=0)  # fedprox proximal weight
+    server_lr: float = Field(default=1.0, gt=0)  # scaffold global step size
+    weighting: Literal["examples", "uniform"] = "examples"
+    local: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
+    server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
+
+
+# --------------------------------------------------------------------------- runtime / eval / tracking
+
+
+class RuntimeConfig(_Section):
+    """Where it runs. ``device: auto`` picks CUDA when present; bf16 autocast is used on CUDA
+    when ``precision`` is ``auto`` or ``bf16``."""
+
+    kind: str = "local"  # checked against the runtime registry when the run is built
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    num_threads: int | None = Field(default=None, ge=1)
+
+
+class GenerationEvalConfig(_Section):
+    """ROUGE-L on greedy generations for a sample of the validation set (LM tasks)."""
+
+    enabled: bool = False
+    num_samples: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1)
+
+
+class EvalConfig(_Section):
+    """Global and per-client evaluation every ``every`` rounds and after the last one."""
+
+    every: int = Field(default=1, ge=1)
+    per_client: bool = True
+    batch_size: int = Field(default=32, ge=1)
+    max_examples: int | None = Field(default=None, ge=1)  # cap on the global validation set
+    generation: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
+
+
+class TrackingConfig(_Section):
+    """Where the run directory goes and how often the global State is checkpointed."""
+
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: the config's name + a timestamp
+    checkpoint_every: int = Field(default=1, ge=1)
+    keep_checkpoints: int | None = Field(default=None, ge=1)  # None: keep all
+    console: bool = True
+
+
+class RunConfig(_Section):
+    """A whole federated run."""
+
+    name: str = "fedfm-run"
+    seed: int = 0
+    model: ModelConfig
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.adapter.kind == "head" and self.data.format != "classification":
+            raise ValueError("adapter.kind='head' needs data.format='classification'")
+        if self.data.format == "preference":
+            raise ValueError(
+                "data.format='preference' is loaded and validated (fedfm data stats) but "
+                "training on preference data (federated DPO) is not available in this release"
+            )
+        return self
+
+    def config_hash(self) -> str:
+        """sha256 over the canonical JSON of the config (what `summary.json` records)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        kind = item["type"]
+        bad = item.get("input")
+        if kind == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (value {bad!r})")
+            continue
+        message = item["msg"]
+        if kind == "missing":
+            lines.append(f"  {path}: required field is missing")
+        else:
+            shown = repr(bad)
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            lines.append(f"  {path}: {message} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (``3``, ``1e-3``, ``[q_proj]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. algorithm.local.lr=1e-3")
+    key, raw_value = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b=c`` overrides into a raw config mapping (creating sections as needed)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"override {text!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
+    if raw is None:
+        raise ConfigError(f"config file {file} is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {file}: expected a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML, apply ``a.b=c`` overrides, validate everything.
+
+    Relative data paths are resolved against the current directory first, then the config
+    file's directory (so ``fedfm run examples/x.yaml`` works from anywhere).
+    """
+    raw = apply_overrides(read_yaml(path), list(overrides or []))
+    config = config_from_dict(raw, source=str(path))
+    return _resolve_data_paths(config, Path(path).resolve().parent)
+
+
+def _resolve_data_paths(config: RunConfig, config_dir: Path) -> RunConfig:
+    for field in ("path", "validation_path"):
+        value = getattr(config.data, field)
+        if value is None or Path(value).is_absolute() or Path(value).exists():
+            continue
+        candidate = config_dir / value
+        if candidate.exists():
+            setattr(config.data, field, str(candidate))
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

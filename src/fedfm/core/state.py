@@ -1,0 +1,130 @@
+"""``State``: the communicated parameters of a federated run, and the arithmetic on them.
+
+A ``State`` is an ordered ``dict[str, torch.Tensor]`` holding only what crosses the wire (LoRA
+A/B, prompt embeddings, biases, or every weight for full fine-tuning): CPU, contiguous, named
+exactly as in the model, so it can be saved as safetensors. The frozen base model is never part
+of a State. All functions here are pure: they return new tensors and never modify inputs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+State = dict[str, torch.Tensor]
+
+
+class StateMismatchError(ValueError):
+    """Two States that must share keys, shapes and dtypes do not."""
+
+
+def check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                     what: str = "state") -> None:
+    """Raise ``StateMismatchError`` naming the first differing key, shape or dtype."""
+    missing = [k for k in reference if k not in other]
+    extra = [k for k in other if k not in reference]
+    if missing or extra:
+        raise StateMismatchError(
+            f"{what}: keys differ (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})"
+        )
+    for key, ref in reference.items():
+        got = other[key]
+        if not isinstance(got, torch.Tensor):
+            raise StateMismatchError(f"{what}: {key} is {type(got).__name__}, expected a tensor")
+        if got.shape != ref.shape:
+            raise StateMismatchError(
+                f"{what}: {key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+            )
+        if got.dtype != ref.dtype:
+            raise StateMismatchError(f"{what}: {key} has dtype {got.dtype}, expected {ref.dtype}")
+
+
+def clone(state: Mapping[str, torch.Tensor]) -> State:
+    """Detached CPU contiguous copy, keeping key order."""
+    return OrderedDict((k, v.detach().to("cpu", copy=True).contiguous()) for k, v in state.items())
+
+
+def zeros_like(state: Mapping[str, torch.Tensor]) -> State:
+    return OrderedDict((k, torch.zeros_like(v)) for k, v in state.items())
+
+
+def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float = 1.0) -> State:
+    """``a + alpha * b``."""
+    return OrderedDict((k, a[k] + alpha * b[k]) for k in a)
+
+
+def sub(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> State:
+    """``a - b``."""
+    return OrderedDict((k, a[k] - b[k]) for k in a)
+
+
+def scale(a: Mapping[str, torch.Tensor], factor: float) -> State:
+    return OrderedDict((k, v * factor) for k, v in a.items())
+
+
+def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]],
+                  weights: Sequence[float]) -> State:
+    """``sum_i w_i s_i / sum_i w_i``, accumulated in float64 for exactness, cast back."""
+    if not states:
+        raise ValueError("weighted_mean of no states")
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {total}")
+    out: State = OrderedDict()
+    for key, ref in states[0].items():
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for state, weight in zip(states, weights, strict=True):
+            acc += state[key].to(torch.float64) * (float(weight) / total)
+        out[key] = acc.to(ref.dtype)
+    return out
+
+
+def global_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of all tensors together."""
+    total = sum(float(v.double().pow(2).sum()) for v in state.values())
+    return total ** 0.5
+
+
+def num_parameters(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(v.numel() for v in state.values())
+
+
+def equal(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Bitwise equality of keys, shapes, dtypes and values."""
+    return list(a) == list(b) and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
+        for k in a
+    )
+
+
+def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    check_compatible(a, b)
+    return max((float((a[k].double() - b[k].double()).abs().max()) for k in a), default=0.0)
+
+
+def to_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize with safetensors (what goes over the wire and into checkpoints)."""
+    return _st_save(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=dict(metadata or {})
+    )
+
+
+def from_bytes(payload: bytes) -> State:
+    """Inverse of ``to_bytes``, keeping the serialized key order."""
+    return OrderedDict(_st_load(payload).items())
+
+
+def num_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes this State takes on the wire (its safetensors serialization)."""
+    return len(to_bytes(state))
+
+
+def select(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> State:
+    return OrderedDict((k, state[k]) for k in keys)

@@ -1,0 +1,67 @@
+"""``ClientUpdate``: what one client sends back to the server after a round."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedfm.core import state as state_ops
+from fedfm.core.state import State
+
+
+@dataclass
+class ClientUpdate:
+    """One client's contribution to a round.
+
+    Attributes:
+        client_id: index of the client in the federation.
+        payload: the communicated State, usually ``local - global`` (a delta).
+        num_examples: examples the client trained on this round (the FedAvg weight).
+        metrics: scalar training metrics (``train_loss``, ``steps``, ...).
+        aux: further States an algorithm sends up, by name (e.g. SCAFFOLD's
+            ``control_delta``); counted in bytes up like the payload.
+        metadata: small JSON-able facts (ranks, seeds, timings).
+    """
+
+    client_id: int
+    payload: State
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    aux: dict[str, State] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def num_bytes(self) -> int:
+        """Bytes on the wire: the serialized payload and every aux State."""
+        return state_ops.num_bytes(self.payload) + sum(
+            state_ops.num_bytes(extra) for extra in self.aux.values()
+        )
+
+
+@dataclass
+class Broadcast:
+    """What the server sends to every selected client: the global State plus named extras
+    (e.g. SCAFFOLD's server control variate)."""
+
+    global_state: State
+    extras: dict[str, State] = field(default_factory=dict)
+    round: int = 0
+
+    def num_bytes(self) -> int:
+        return state_ops.num_bytes(self.global_state) + sum(
+            state_ops.num_bytes(extra) for extra in self.extras.values()
+        )
+
+
+def validate_update(update: ClientUpdate, reference: Mapping[str, Any]) -> None:
+    """Reject a malformed update before it reaches an aggregator (keys, shapes, dtypes,
+    finite values, positive example count)."""
+    import torch
+
+    state_ops.check_compatible(reference, update.payload, what=f"client {update.client_id} payload")
+    if update.num_examples <= 0:
+        raise ValueError(f"client {update.client_id}: num_examples must be positive, "
+                         f"got {update.num_examples}")
+    for key, tensor in update.payload.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"client {update.client_id}: payload {key} has non-finite values")
