@@ -185,7 +185,8 @@ class ServerOptimizerConfig(_Section):
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.99, ge=0, lt=1)
     tau: float = Field(default=1e-3, gt=0)  # adaptivity
-    initial_accumulator: float = Field(default=0.0, ge=0)  # v_{-1} for adaptive methods
+    # v_{-1} for adaptive methods; None: tau**2 as in Reddi et al. (v_{-1} >= tau^2)
+    initial_accumulator: float | None = Field(default=None, ge=0)
 
 
 class AlgorithmConfig(_Section):
@@ -193,13 +194,12 @@ class AlgorithmConfig(_Section):
 
     name: str = "fedavg"  # checked against the algorithm registry when the run is built
     mu: float = Field(default=0.0, ge=0)  # fedprox proximal weight
-    server_lr: float = Field(default=1.0, gt=0)  # scaffold global step size
     weighting: Literal["examples", "uniform"] = "examples"
     local: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
 
 
-# --------------------------------------------------------------------------- runtime / eval / tracking
+# ------------------------------------------------------------- runtime / eval / tracking
 
 
 class RuntimeConfig(_Section):
@@ -210,6 +210,8 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_threads: int | None = Field(default=None, ge=1)
+    # Where per-client state (SCAFFOLD controls, ...) lives between rounds.
+    client_store: Literal["memory", "disk"] = "memory"
 
 
 class GenerationEvalConfig(_Section):
@@ -224,6 +226,7 @@ class EvalConfig(_Section):
     """Global and per-client evaluation every ``every`` rounds and after the last one."""
 
     every: int = Field(default=1, ge=1)
+    at_start: bool = False  # also evaluate the initial model (round 0)
     per_client: bool = True
     batch_size: int = Field(default=32, ge=1)
     max_examples: int | None = Field(default=None, ge=1)  # cap on the global validation set
@@ -295,7 +298,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``a.b.c=value``; the value is read as YAML (``3``, ``1e-3``, ``[q_proj]``, ``null``)."""
+    """Parse ``a.b.c=value``; the value is read as YAML (``3``, ``1e-3``, ``[q]``, ``null``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. algorithm.local.lr=1e-3")
     key, raw_value = text.split("=", 1)

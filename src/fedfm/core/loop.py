@@ -1,0 +1,265 @@
+"""The round loop, identical for every runtime.
+
+```
+select clients -> drop some (simulated) -> runtime runs the client half on each -> ClientUpdate
+  -> validate -> server rule (aggregate + server optimizer) -> new global State
+  -> evaluate every k rounds and at the end -> checkpoint -> log
+```
+
+Every random choice is derived from ``(seed, round[, client])`` rather than drawn from a shared
+stream, so a run resumed from round r makes exactly the choices the uninterrupted run made.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedfm.core import state as state_ops
+from fedfm.core.algorithm import ServerRule
+from fedfm.core.state import State
+from fedfm.core.update import Broadcast, ClientUpdate, validate_update
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """A 31-bit seed that depends only on ``seed`` and ``path`` (e.g. round, client)."""
+    return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+_SAMPLING, _DROPOUT = 1, 2
+
+
+def sample_clients(seed: int, round: int, num_clients: int, sample_size: int) -> list[int]:
+    """Seeded uniform sampling without replacement; sorted ids."""
+    if sample_size >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, round, _SAMPLING])
+    return sorted(int(i) for i in rng.choice(num_clients, size=sample_size, replace=False))
+
+
+def simulate_dropouts(seed: int, round: int, client_ids: list[int], prob: float) -> set[int]:
+    """Each selected client independently drops out with probability ``prob``."""
+    if prob <= 0.0:
+        return set()
+    rng = np.random.default_rng([seed, round, _DROPOUT])
+    draws = rng.random(len(client_ids))
+    return {cid for cid, u in zip(client_ids, draws, strict=True) if u < prob}
+
+
+@dataclass
+class ClientOutcome:
+    """What the runtime reports for one selected client."""
+
+    client_id: int
+    update: ClientUpdate | None  # None: dropped out or failed
+    wall_time: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    status: str = "ok"  # ok | dropped | failed | rejected
+    error: str | None = None
+
+
+@dataclass
+class EvalReport:
+    global_metrics: dict[str, float] = field(default_factory=dict)
+    per_client: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+class Runtime(Protocol):
+    """Where client halves run. Implementations live in ``fedfm.runtime``."""
+
+    def run_clients(self, client_ids: list[int], broadcast: Broadcast,
+                    round: int) -> Iterator[ClientOutcome]: ...
+
+    def evaluate(self, global_state: State, *, round: int, per_client: bool) -> EvalReport: ...
+
+    def close(self) -> None: ...
+
+
+class RoundObserver(Protocol):
+    """Progress and logging hooks (console, metrics files)."""
+
+    def on_round_start(self, round: int, selected: list[int]) -> None: ...
+    def on_client_done(self, round: int, outcome: ClientOutcome) -> None: ...
+    def on_round_end(self, record: dict[str, Any]) -> None: ...
+
+
+class Checkpointer(Protocol):
+    def should_save(self, round: int, last_round: int) -> bool: ...
+    def save(self, snapshot: LoopSnapshot) -> None: ...
+
+
+@dataclass
+class LoopSnapshot:
+    """Everything the loop needs to continue exactly after ``round``."""
+
+    round: int
+    global_state: State
+    server_state: dict[str, State]
+    totals: dict[str, float]
+
+
+@dataclass
+class LoopSettings:
+    seed: int
+    num_clients: int
+    sample_size: int
+    rounds: int
+    dropout_prob: float = 0.0
+    eval_every: int = 1
+    eval_at_start: bool = False
+    per_client_eval: bool = True
+
+
+FairnessFn = Callable[[Mapping[int, Mapping[str, float]]], dict[str, float]]
+
+
+class RoundLoop:
+    """Drives rounds ``start+1 .. settings.rounds``."""
+
+    def __init__(self, *, settings: LoopSettings, server: ServerRule, runtime: Runtime,
+                 observers: list[RoundObserver] | None = None,
+                 checkpointer: Checkpointer | None = None,
+                 fairness: FairnessFn | None = None) -> None:
+        self.settings = settings
+        self.server = server
+        self.runtime = runtime
+        self.observers = list(observers or [])
+        self.checkpointer = checkpointer
+        self.fairness = fairness
+
+    def run(self, snapshot: LoopSnapshot) -> LoopSnapshot:
+        if snapshot.round == 0 and self.settings.eval_at_start:
+            record = {"round": 0, "eval": self._evaluate(snapshot.global_state, 0)}
+            self._emit_end(record)
+        while snapshot.round < self.settings.rounds:
+            snapshot = self.run_round(snapshot)
+        return snapshot
+
+    def run_round(self, snapshot: LoopSnapshot) -> LoopSnapshot:
+        settings = self.settings
+        round_index = snapshot.round + 1
+        round_start = time.perf_counter()
+        selected = sample_clients(settings.seed, round_index, settings.num_clients,
+                                  settings.sample_size)
+        dropped = simulate_dropouts(settings.seed, round_index, selected, settings.dropout_prob)
+        for observer in self.observers:
+            observer.on_round_start(round_index, selected)
+
+        broadcast = Broadcast(global_state=snapshot.global_state,
+                              extras=self.server.broadcast_extras(), round=round_index)
+        bytes_down = broadcast.num_bytes()
+        outcomes = [ClientOutcome(cid, None, bytes_down=bytes_down, status="dropped")
+                    for cid in selected if cid in dropped]
+        for outcome in outcomes:
+            self._emit_client(round_index, outcome)
+        active = [cid for cid in selected if cid not in dropped]
+        client_start = time.perf_counter()
+        for outcome in self.runtime.run_clients(active, broadcast, round_index):
+            outcome = self._screen(outcome, snapshot.global_state)
+            outcomes.append(outcome)
+            self._emit_client(round_index, outcome)
+        client_time = time.perf_counter() - client_start
+
+        aggregate_start = time.perf_counter()
+        updates = [o.update for o in outcomes if o.status == "ok" and o.update is not None]
+        new_global = snapshot.global_state
+        if updates:
+            new_global = self.server.aggregate(snapshot.global_state, updates, round_index)
+        aggregate_time = time.perf_counter() - aggregate_start
+
+        record = self._round_record(round_index, selected, outcomes, updates)
+        eval_time = 0.0
+        if self._is_eval_round(round_index):
+            eval_start = time.perf_counter()
+            record["eval"] = self._evaluate(new_global, round_index)
+            eval_time = time.perf_counter() - eval_start
+
+        totals = dict(snapshot.totals)
+        totals["bytes_up"] = totals.get("bytes_up", 0) + record["bytes_up"]
+        totals["bytes_down"] = totals.get("bytes_down", 0) + record["bytes_down"]
+        round_time = time.perf_counter() - round_start
+        totals["wall_time"] = totals.get("wall_time", 0.0) + round_time
+        record["wall_time"] = {"clients": client_time, "aggregate": aggregate_time,
+                               "eval": eval_time, "round": round_time}
+        next_snapshot = LoopSnapshot(round_index, new_global, self.server.state_dict(), totals)
+        if self.checkpointer is not None and self.checkpointer.should_save(
+                round_index, settings.rounds):
+            self.checkpointer.save(next_snapshot)
+        self._emit_end(record)
+        return next_snapshot
+
+    # ------------------------------------------------------------------ helpers
+
+    def _screen(self, outcome: ClientOutcome, global_state: State) -> ClientOutcome:
+        """A broken or malicious update is rejected and recorded; it never crashes the server."""
+        if outcome.status != "ok" or outcome.update is None:
+            return outcome
+        try:
+            validate_update(outcome.update, global_state)
+        except (ValueError, TypeError) as exc:
+            outcome.status, outcome.error = "rejected", str(exc)
+        return outcome
+
+    def _is_eval_round(self, round_index: int) -> bool:
+        return round_index % self.settings.eval_every == 0 or round_index == self.settings.rounds
+
+    def _evaluate(self, global_state: State, round_index: int) -> dict[str, Any]:
+        report = self.runtime.evaluate(global_state, round=round_index,
+                                       per_client=self.settings.per_client_eval)
+        result: dict[str, Any] = {"global": report.global_metrics}
+        if report.per_client:
+            result["per_client"] = {str(k): v for k, v in sorted(report.per_client.items())}
+            if self.fairness is not None:
+                result["fairness"] = self.fairness(report.per_client)
+        return result
+
+    def _round_record(self, round_index: int, selected: list[int],
+                      outcomes: list[ClientOutcome], updates: list[ClientUpdate]) -> dict[str, Any]:
+        clients: dict[str, dict[str, Any]] = {}
+        for outcome in sorted(outcomes, key=lambda o: o.client_id):
+            entry: dict[str, Any] = {"status": outcome.status, "wall_time": outcome.wall_time,
+                                     "bytes_up": outcome.bytes_up,
+                                     "bytes_down": outcome.bytes_down}
+            if outcome.update is not None:
+                entry["num_examples"] = outcome.update.num_examples
+                entry.update(outcome.update.metrics)
+            if outcome.error:
+                entry["error"] = outcome.error
+            clients[str(outcome.client_id)] = entry
+        record: dict[str, Any] = {
+            "round": round_index,
+            "selected": selected,
+            "completed": sorted(u.client_id for u in updates),
+            "bytes_up": sum(o.bytes_up for o in outcomes),
+            "bytes_down": sum(o.bytes_down for o in outcomes),
+            "clients": clients,
+        }
+        train_loss = _weighted_metric(updates, "train_loss")
+        if train_loss is not None:
+            record["train_loss"] = train_loss
+        if updates:
+            record["update_norm"] = state_ops.global_norm(
+                state_ops.weighted_mean([u.payload for u in updates],
+                                        [u.num_examples for u in updates]))
+        return record
+
+    def _emit_client(self, round_index: int, outcome: ClientOutcome) -> None:
+        for observer in self.observers:
+            observer.on_client_done(round_index, outcome)
+
+    def _emit_end(self, record: dict[str, Any]) -> None:
+        for observer in self.observers:
+            observer.on_round_end(record)
+
+
+def _weighted_metric(updates: list[ClientUpdate], name: str) -> float | None:
+    pairs = [(u.metrics[name], u.num_examples) for u in updates if name in u.metrics]
+    if not pairs:
+        return None
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total
