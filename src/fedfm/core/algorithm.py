@@ -61,13 +61,16 @@ class ClientProcedure(Protocol):
 class ServerRule(Protocol):
     """Server half of an algorithm."""
 
-    def broadcast_extras(self) -> dict[str, State]:
+    def broadcast_extras(self, global_state: State) -> dict[str, State]:
         """States sent to clients besides the global State (empty for FedAvg)."""
         ...
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
         """Return the next global State from this round's (validated) updates."""
         ...
+
+    # Optional: ``check_update(update, global_state)`` raising ValueError for an update this
+    # rule cannot use (e.g. a malformed aux State); the loop then rejects that update.
 
     def state_dict(self) -> dict[str, State]:
         """Named States that must be checkpointed to resume exactly."""

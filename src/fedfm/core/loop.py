@@ -151,7 +151,8 @@ class RoundLoop:
             observer.on_round_start(round_index, selected)
 
         broadcast = Broadcast(global_state=snapshot.global_state,
-                              extras=self.server.broadcast_extras(), round=round_index)
+                              extras=self.server.broadcast_extras(snapshot.global_state),
+                              round=round_index)
         bytes_down = broadcast.num_bytes()
         outcomes = [ClientOutcome(cid, None, bytes_down=bytes_down, status="dropped")
                     for cid in selected if cid in dropped]
@@ -201,7 +202,10 @@ class RoundLoop:
             return outcome
         try:
             validate_update(outcome.update, global_state)
-        except (ValueError, TypeError) as exc:
+            check = getattr(self.server, "check_update", None)
+            if check is not None:
+                check(outcome.update, global_state)
+        except (ValueError, TypeError, KeyError) as exc:
             outcome.status, outcome.error = "rejected", str(exc)
         return outcome
 

@@ -1,0 +1,37 @@
+"""Aggregators: turn the round's client payloads into one pseudo-gradient.
+
+``mean``: the example-weighted (or uniform) average of FedAvg (McMahan et al., AISTATS 2017),
+computed in float64 so that the aggregation identities hold to the last bit that matters.
+Robust and secure aggregators plug in here under their own names.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from fedfm.core import state as state_ops
+from fedfm.core.registries import AGGREGATORS
+from fedfm.core.state import State
+from fedfm.core.update import ClientUpdate
+
+Weighting = Literal["examples", "uniform"]
+
+
+class Aggregator(Protocol):
+    def aggregate(self, updates: list[ClientUpdate]) -> State: ...
+
+
+def update_weights(updates: list[ClientUpdate], weighting: Weighting) -> list[float]:
+    if weighting == "uniform":
+        return [1.0] * len(updates)
+    return [float(u.num_examples) for u in updates]
+
+
+@AGGREGATORS.register("mean")
+class WeightedMean:
+    def __init__(self, weighting: Weighting = "examples") -> None:
+        self.weighting = weighting
+
+    def aggregate(self, updates: list[ClientUpdate]) -> State:
+        return state_ops.weighted_mean([u.payload for u in updates],
+                                       update_weights(updates, self.weighting))

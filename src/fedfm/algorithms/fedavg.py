@@ -1,0 +1,76 @@
+"""FedAvg and the FedOpt family.
+
+Clients train locally from the global State and send ``local - global``; the server averages the
+deltas (example-weighted by default) and applies a server optimizer to the average.
+With the ``sgd`` server optimizer at lr 1 this is FedAvg (McMahan et al., "Communication-
+Efficient Learning of Deep Networks from Decentralized Data", AISTATS 2017); with ``adam``,
+``yogi``, ``adagrad`` or ``avgm`` it is FedAdam / FedYogi / FedAdagrad (Reddi et al., "Adaptive
+Federated Optimization", ICLR 2021) or FedAvgM (Hsu et al., arXiv:1909.06335, 2019).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fedfm.algorithms.aggregation import Aggregator, WeightedMean
+from fedfm.algorithms.local_train import GradHook, LocalTrainingResult, train_locally
+from fedfm.algorithms.server_opt import ServerOptimizer, build_server_optimizer
+from fedfm.config import AlgorithmConfig, LocalTrainingConfig
+from fedfm.core import state as state_ops
+from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
+from fedfm.core.registries import ALGORITHMS
+from fedfm.core.state import State
+from fedfm.core.update import Broadcast, ClientUpdate
+
+
+class DeltaClient:
+    """Train locally, send ``local - global``. Subclasses add a gradient hook."""
+
+    def __init__(self, local: LocalTrainingConfig) -> None:
+        self.local = local
+
+    def grad_hook(self, ctx: ClientContext, broadcast: Broadcast) -> GradHook | None:
+        return None
+
+    def train(self, ctx: ClientContext, broadcast: Broadcast) -> LocalTrainingResult:
+        return train_locally(ctx, self.local, grad_hook=self.grad_hook(ctx, broadcast))
+
+    def run(self, ctx: ClientContext, broadcast: Broadcast) -> ClientResult:
+        result = self.train(ctx, broadcast)
+        delta = state_ops.sub(ctx.get_state(), broadcast.global_state)
+        update = ClientUpdate(client_id=ctx.client_id, payload=delta,
+                              num_examples=len(ctx.train_examples), metrics=result.metrics())
+        return ClientResult(update=update)
+
+
+class DeltaServer:
+    """Aggregate the deltas, then let the server optimizer take a step with the result."""
+
+    def __init__(self, aggregator: Aggregator, optimizer: ServerOptimizer) -> None:
+        self.aggregator = aggregator
+        self.optimizer = optimizer
+
+    def broadcast_extras(self, global_state: State) -> dict[str, State]:
+        return {}
+
+    def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
+        pseudo_gradient = self.aggregator.aggregate(updates)
+        return self.optimizer.step(global_state, pseudo_gradient)
+
+    def state_dict(self) -> dict[str, State]:
+        return {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
+
+    def load_state_dict(self, states: Mapping[str, State]) -> None:
+        prefix = "optimizer."
+        self.optimizer.load_state_dict(
+            {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)})
+
+
+def build_delta_server(cfg: AlgorithmConfig) -> DeltaServer:
+    return DeltaServer(WeightedMean(cfg.weighting), build_server_optimizer(cfg.server_optimizer))
+
+
+@ALGORITHMS.register("fedavg")
+def build_fedavg(cfg: AlgorithmConfig, num_clients: int) -> Algorithm:
+    return Algorithm(name="fedavg", client=DeltaClient(cfg.local), server=build_delta_server(cfg),
+                     info={"server_optimizer": cfg.server_optimizer.name})

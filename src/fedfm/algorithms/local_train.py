@@ -1,0 +1,164 @@
+"""Local training on one client: the loop every client procedure shares.
+
+Steps or epochs, batch size, gradient accumulation, AdamW or SGD, a warmup + constant / linear /
+cosine schedule, gradient-norm clipping, and bf16 autocast when the runtime asks for it.
+Algorithms hook in without copying the loop: ``grad_hook`` edits the accumulated gradients
+before clipping and the optimizer step (FedProx's proximal gradient, SCAFFOLD's correction).
+Batches are drawn with a generator seeded by the client's round seed, so a client's round is
+reproducible bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedfm.config import LocalTrainingConfig
+from fedfm.core.algorithm import ClientContext
+
+NamedParams = list[tuple[str, torch.nn.Parameter]]
+GradHook = Callable[[NamedParams], None]
+
+
+@dataclass
+class LocalTrainingResult:
+    steps: int
+    examples_seen: int
+    mean_loss: float
+    lr_sum: float  # sum of the learning rates actually applied (SCAFFOLD's K * lr)
+    final_lr: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"train_loss": self.mean_loss, "steps": float(self.steps),
+                "examples_seen": float(self.examples_seen)}
+
+
+def trainable_parameters(model: torch.nn.Module) -> NamedParams:
+    seen: set[int] = set()
+    named: NamedParams = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            named.append((name, param))
+    return named
+
+
+def num_optimizer_steps(cfg: LocalTrainingConfig, num_examples: int) -> int:
+    """``cfg.steps`` when set, else ``ceil(epochs * n / batch) / grad_accum`` (at least 1)."""
+    if cfg.steps is not None:
+        return cfg.steps
+    assert cfg.epochs is not None
+    micro_batches = math.ceil(cfg.epochs * num_examples / cfg.batch_size)
+    return max(1, micro_batches // cfg.grad_accum)
+
+
+def batch_indices(num_examples: int, batch_size: int, num_batches: int,
+                  generator: torch.Generator) -> Iterator[list[int]]:
+    """Shuffled epochs, concatenated; every batch is full unless the data set is smaller."""
+    produced = 0
+    while produced < num_batches:
+        order = torch.randperm(num_examples, generator=generator).tolist()
+        for start in range(0, num_examples, batch_size):
+            chunk = order[start:start + batch_size]
+            if len(chunk) < batch_size and num_examples >= batch_size:
+                break  # drop the ragged tail: full batches keep steps comparable
+            yield chunk
+            produced += 1
+            if produced == num_batches:
+                return
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter],
+                    cfg: LocalTrainingConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
+                                 weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, cfg: LocalTrainingConfig) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    outputs = model(**batch)
+    loss = outputs.loss if hasattr(outputs, "loss") else outputs["loss"]
+    if loss is None:
+        raise RuntimeError("the model returned no loss; batches must carry `labels`")
+    return loss
+
+
+def train_locally(ctx: ClientContext, cfg: LocalTrainingConfig, *,
+                  grad_hook: GradHook | None = None) -> LocalTrainingResult:
+    """Run the configured local optimization on ``ctx.model`` in place."""
+    examples = ctx.train_examples
+    if not examples:
+        raise ValueError(f"client {ctx.client_id} has no training examples")
+    named = trainable_parameters(ctx.model)
+    params = [p for _, p in named]
+    optimizer = build_optimizer(params, cfg)
+    total_steps = num_optimizer_steps(cfg, len(examples))
+    generator = torch.Generator().manual_seed(ctx.seed)
+    torch.manual_seed(ctx.seed)  # dropout and any other stochastic layers
+    batches = batch_indices(len(examples), cfg.batch_size, total_steps * cfg.grad_accum,
+                            generator)
+    autocast = _autocast(ctx)
+    ctx.model.train()
+    loss_sum, loss_count, examples_seen, lr_sum, lr = 0.0, 0, 0, 0.0, cfg.lr
+    for step in range(total_steps):
+        lr = cfg.lr * lr_factor(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.grad_accum):
+            chunk = next(batches)
+            batch = _to_device(ctx.collate([examples[i] for i in chunk]), ctx.device)
+            with autocast:
+                loss = _forward_loss(ctx.model, batch)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+            loss_count += 1
+            examples_seen += len(chunk)
+        if grad_hook is not None:
+            grad_hook(named)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_sum += lr
+    return LocalTrainingResult(steps=total_steps, examples_seen=examples_seen,
+                               mean_loss=loss_sum / max(loss_count, 1), lr_sum=lr_sum,
+                               final_lr=lr)
+
+
+def _autocast(ctx: ClientContext) -> Any:
+    if ctx.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def ensure_grads(named: NamedParams) -> None:
+    """Give every trainable parameter a gradient tensor (zeros where backward left None)."""
+    for _, param in named:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)

@@ -1,0 +1,19 @@
+"""The registries every named component is found in. Adding a method = one ``register`` line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedfm.core.registry import Registry
+
+ALGORITHMS: Registry[Any] = Registry("algorithm")
+"""name -> factory ``(AlgorithmConfig, num_clients) -> core.algorithm.Algorithm``."""
+
+SERVER_OPTIMIZERS: Registry[Any] = Registry("server optimizer")
+"""name -> factory ``(ServerOptimizerConfig) -> ServerOptimizer``."""
+
+AGGREGATORS: Registry[Any] = Registry("aggregator")
+"""name -> factory ``(**options) -> Aggregator``."""
+
+RUNTIMES: Registry[Any] = Registry("runtime")
+"""name -> factory ``(workload, config, client_store) -> core.loop.Runtime``."""
