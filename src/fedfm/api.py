@@ -1,0 +1,247 @@
+"""Public Python API: ``fedfm.run(config) -> RunResult``, and the ``build_*`` functions that turn
+a config into components (the one place where that happens)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+import fedfm
+from fedfm.config import ConfigError, RunConfig, load_config
+from fedfm.core import client_store as store_ops
+from fedfm.core import state as state_ops
+from fedfm.core.algorithm import Algorithm
+from fedfm.core.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+)
+from fedfm.core.client_store import ClientStore, DiskClientStore, MemoryClientStore
+from fedfm.core.loop import LoopSettings, LoopSnapshot, RoundLoop, Runtime
+from fedfm.core.registries import ALGORITHMS, RUNTIMES, SERVER_OPTIMIZERS
+from fedfm.core.state import State
+from fedfm.tracking import ConsoleProgress, MetricsFileSink, RunDirectory, summary_table
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_state: State
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _register_components() -> None:
+    """Importing these packages fills the registries."""
+    import fedfm.algorithms  # noqa: F401
+    import fedfm.runtime  # noqa: F401
+
+
+def check_components(config: RunConfig) -> None:
+    """Reject unknown component names before any model or data is loaded."""
+    _register_components()
+    for registry, value, path in (
+        (ALGORITHMS, config.algorithm.name, "algorithm.name"),
+        (SERVER_OPTIMIZERS, config.algorithm.server_optimizer.name,
+         "algorithm.server_optimizer.name"),
+        (RUNTIMES, config.runtime.kind, "runtime.kind"),
+    ):
+        if value not in registry:
+            raise ConfigError(f"invalid config: {path}: unknown {registry.kind} {value!r} "
+                              f"(available: {', '.join(registry.names())})")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_algorithm(config: RunConfig) -> Algorithm:
+    _register_components()
+    factory = ALGORITHMS.get(config.algorithm.name)
+    return factory(config.algorithm, config.federation.num_clients)
+
+
+def build_client_store(config: RunConfig, run_dir: Path | None) -> ClientStore:
+    if config.runtime.client_store == "disk":
+        if run_dir is None:
+            raise ConfigError("runtime.client_store='disk' needs a run directory")
+        return DiskClientStore(run_dir / "client_states")
+    return MemoryClientStore()
+
+
+def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
+    """Load the model, apply the adapter, build the federated data (one per process)."""
+    from fedfm.data import build_federated_data, load_label_info
+    from fedfm.models import apply_adapter, load_model
+    from fedfm.runtime.workload import Workload, resolve_autocast, resolve_device
+
+    if config.runtime.num_threads is not None:
+        torch.set_num_threads(config.runtime.num_threads)
+    device = resolve_device(config.runtime)
+    label_names, num_labels = (None, None)
+    if config.data.format == "classification":
+        label_names, num_labels = load_label_info(config.data)
+    bundle = load_model(config.model, seed=config.seed, num_labels=num_labels)
+    bundle = apply_adapter(bundle, config.adapter, seed=config.seed)
+    bundle.model.to(device)
+    data = build_federated_data(config.data, num_clients=config.federation.num_clients,
+                                tokenizer=bundle.tokenizer, task=bundle.task,
+                                max_length=config.model.max_length, seed=config.seed)
+    empty = [c.client_id for c in data.clients if not c.train]
+    if empty:
+        raise ConfigError(f"clients {empty[:10]} have no training examples; lower "
+                          f"federation.num_clients or raise data.partition.min_size")
+    return Workload(bundle=bundle, data=data, client=algorithm.client, config=config,
+                    device=device, autocast_dtype=resolve_autocast(config.runtime, device))
+
+
+def build_runtime(config: RunConfig, workload: Any, store: ClientStore) -> Runtime:
+    _register_components()
+    return RUNTIMES.get(config.runtime.kind)(workload, store)
+
+
+def _resolve_config(config: RunConfig | str | Path | None, overrides: list[str] | None,
+                    resume: Path | None) -> RunConfig:
+    if resume is not None:
+        saved = resume / "config.yaml"
+        if not saved.exists():
+            raise CheckpointError(f"{resume} is not a fedfm run directory (no config.yaml)")
+        return load_config(saved, overrides)
+    if config is None:
+        raise ConfigError("a config (path or RunConfig) is required unless resuming")
+    if isinstance(config, RunConfig):
+        if overrides:
+            raise ConfigError("overrides apply to a YAML path; edit the RunConfig instead")
+        return config
+    return load_config(config, overrides)
+
+
+def run(config: RunConfig | str | Path | None = None, *, overrides: list[str] | None = None,
+        resume: str | Path | None = None, console: bool | None = None) -> RunResult:
+    """Run (or resume) a federated fine-tuning job and return where it left its results."""
+    resume_dir = Path(resume) if resume is not None else None
+    run_config = _resolve_config(config, overrides, resume_dir)
+    check_components(run_config)
+    seed_everything(run_config.seed)
+    algorithm = build_algorithm(run_config)
+    workload = build_workload(run_config, algorithm)
+
+    run_dir = (RunDirectory(resume_dir) if resume_dir is not None else
+               RunDirectory.create(run_config.tracking.output_dir,
+                                   run_config.tracking.run_name or run_config.name))
+    run_dir.write_config(run_config)
+    store = build_client_store(run_config, run_dir.path)
+    snapshot = LoopSnapshot(round=0, global_state=workload.get_state(), server_state={},
+                            totals={})
+    if resume_dir is not None:
+        snapshot = _restore(run_dir, algorithm, store, snapshot)
+
+    runtime = build_runtime(run_config, workload, store)
+    checkpointer = CheckpointManager(run_dir.checkpoints,
+                                     every=run_config.tracking.checkpoint_every,
+                                     keep=run_config.tracking.keep_checkpoints,
+                                     client_store=store)
+    show = run_config.tracking.console if console is None else console
+    final = _drive(run_config, algorithm, runtime, checkpointer, run_dir, snapshot, show,
+                   workload)
+    runtime.close()
+    return _finish(run_config, run_dir, final, workload, show)
+
+
+def _restore(run_dir: RunDirectory, algorithm: Algorithm, store: ClientStore,
+             initial: LoopSnapshot) -> LoopSnapshot:
+    checkpoint_path = latest_checkpoint(run_dir.checkpoints)
+    if checkpoint_path is None:
+        run_dir.truncate_metrics(0)
+        return initial
+    checkpoint = load_checkpoint(checkpoint_path)
+    state_ops.check_compatible(initial.global_state, checkpoint.snapshot.global_state,
+                               what=f"checkpoint {checkpoint_path}")
+    algorithm.server.load_state_dict(checkpoint.snapshot.server_state)
+    store_ops.import_store(store, checkpoint.client_states)
+    restore_rng(checkpoint.rng_tensors, checkpoint.rng_meta)
+    run_dir.truncate_metrics(checkpoint.snapshot.round)
+    return checkpoint.snapshot
+
+
+def _drive(config: RunConfig, algorithm: Algorithm, runtime: Runtime,
+           checkpointer: CheckpointManager, run_dir: RunDirectory, snapshot: LoopSnapshot,
+           show: bool, workload: Any) -> LoopSnapshot:
+    from fedfm.eval import fairness_summary, primary_metric
+
+    metric, higher_is_better = primary_metric(workload.bundle.task)
+    settings = LoopSettings(
+        seed=config.seed, num_clients=config.federation.num_clients,
+        sample_size=config.federation.sample_size(), rounds=config.federation.rounds,
+        dropout_prob=config.federation.dropout_prob, eval_every=config.eval.every,
+        eval_at_start=config.eval.at_start, per_client_eval=config.eval.per_client)
+    observers: list[Any] = [MetricsFileSink(run_dir)]
+    loop = RoundLoop(settings=settings, server=algorithm.server, runtime=runtime,
+                     observers=observers, checkpointer=checkpointer,
+                     fairness=lambda per_client: fairness_summary(
+                         dict(per_client), metric=metric, higher_is_better=higher_is_better))
+    if not show:
+        return loop.run(snapshot)
+    with ConsoleProgress(settings.rounds, start_round=snapshot.round) as progress:
+        observers.append(progress)
+        return loop.run(snapshot)
+
+
+def _finish(config: RunConfig, run_dir: RunDirectory, final: LoopSnapshot, workload: Any,
+            show: bool) -> RunResult:
+    from fedfm.core.checkpoint import GLOBAL_FILE
+
+    run_dir.final_dir.mkdir(exist_ok=True)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in final.global_state.items()},
+              str(run_dir.final_dir / GLOBAL_FILE))
+    metrics = run_dir.read_metrics()
+    summary = build_summary(config, run_dir, final, workload, metrics)
+    run_dir.write_summary(summary)
+    if show:
+        Console(stderr=True).print(summary_table(summary))
+    return RunResult(run_dir=run_dir.path, final_state=final.global_state, summary=summary,
+                     metrics=metrics)
+
+
+def build_summary(config: RunConfig, run_dir: RunDirectory, final: LoopSnapshot, workload: Any,
+                  metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    from fedfm.models import count_parameters
+
+    last_eval = next((r["eval"] for r in reversed(metrics) if "eval" in r), {})
+    final_metrics = {f"val_{k}": v for k, v in last_eval.get("global", {}).items()}
+    final_metrics.update({f"clients_{k}": v for k, v in last_eval.get("fairness", {}).items()})
+    trainable, total = count_parameters(workload.model)
+    return {
+        "name": config.name,
+        "fedfm_version": fedfm.__version__,
+        "config_hash": config.config_hash(),
+        "model": config.model.name,
+        "task": workload.bundle.task,
+        "adapter": config.adapter.kind,
+        "algorithm": config.algorithm.name,
+        "server_optimizer": config.algorithm.server_optimizer.name,
+        "rounds": final.round,
+        "num_clients": config.federation.num_clients,
+        "clients_per_round": config.federation.sample_size(),
+        "communicated_params": state_ops.num_parameters(final.global_state),
+        "trainable_params": trainable,
+        "total_params": total,
+        "client_train_sizes": [len(c.train) for c in workload.data.clients],
+        "wall_time": final.totals.get("wall_time", 0.0),
+        "bytes_up": int(final.totals.get("bytes_up", 0)),
+        "bytes_down": int(final.totals.get("bytes_down", 0)),
+        "final_metrics": final_metrics,
+        "final_state": str(run_dir.final_dir / "global.safetensors"),
+        "run_dir": str(run_dir.path),
+    }

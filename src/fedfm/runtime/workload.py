@@ -1,0 +1,103 @@
+"""The workload a runtime process holds: one base model with its adapter, the clients' data,
+the algorithm's client half, and the evaluator over them.
+
+Every runtime builds one ``Workload`` per process (the local runtime: one; a Ray actor: one per
+actor) and runs many clients through it by swapping the small communicated ``State``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from fedfm.config import EvalConfig, RunConfig, RuntimeConfig
+from fedfm.core.algorithm import ClientProcedure
+from fedfm.core.loop import EvalReport
+from fedfm.core.state import State
+from fedfm.data import FederatedData, collate
+from fedfm.eval import evaluate_examples, generate_rouge
+from fedfm.models import ModelBundle, get_state, set_state
+
+
+def resolve_device(cfg: RuntimeConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("runtime.device='cuda' but no CUDA device is available "
+                         "(use 'auto' or 'cpu')")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_autocast(cfg: RuntimeConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA unless fp32 is asked for; on CPU only when bf16 is asked for."""
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class Workload:
+    bundle: ModelBundle
+    data: FederatedData
+    client: ClientProcedure
+    config: RunConfig
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.model
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.bundle.tokenizer.pad_token_id
+        return int(pad) if pad is not None else 0
+
+    def collate_fn(self) -> Any:
+        return partial(collate, pad_token_id=self.pad_token_id, task=self.bundle.task)
+
+    def get_state(self) -> State:
+        return get_state(self.model)
+
+    def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        set_state(self.model, state)
+
+    def evaluate(self, global_state: State, *, per_client: bool) -> EvalReport:
+        """Global metrics on the global validation set; per-client metrics on each client's
+        own validation split, all with the global model."""
+        self.set_state(global_state)
+        eval_cfg = self.config.eval
+        examples = self.data.global_validation
+        if eval_cfg.max_examples is not None:
+            examples = examples[: eval_cfg.max_examples]
+        report = EvalReport(global_metrics=self._evaluate_set(examples, eval_cfg))
+        if self.bundle.task != "classification" and eval_cfg.generation.enabled and examples:
+            report.global_metrics.update(self._generation_metrics(examples, eval_cfg))
+        if per_client:
+            for client in self.data.clients:
+                if client.validation:
+                    report.per_client[client.client_id] = self._evaluate_set(
+                        client.validation, eval_cfg)
+        return report
+
+    def _evaluate_set(self, examples: list[dict[str, Any]], eval_cfg: EvalConfig
+                      ) -> dict[str, float]:
+        return evaluate_examples(
+            self.model, examples, task=self.bundle.task, collate_fn=self.collate_fn(),
+            batch_size=eval_cfg.batch_size, device=self.device,
+            autocast_dtype=self.autocast_dtype, num_labels=self.bundle.num_labels)
+
+    def _generation_metrics(self, examples: list[dict[str, Any]], eval_cfg: EvalConfig
+                            ) -> dict[str, float]:
+        sample = examples[: eval_cfg.generation.num_samples]
+        return generate_rouge(self.model, self.bundle.tokenizer, sample, task=self.bundle.task,
+                              max_new_tokens=eval_cfg.generation.max_new_tokens,
+                              device=self.device, batch_size=eval_cfg.batch_size)
