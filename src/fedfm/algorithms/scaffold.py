@@ -93,7 +93,8 @@ class ScaffoldServer:
         return states
 
     def load_state_dict(self, states: Mapping[str, State]) -> None:
-        self.control = states.get(CONTROL)
+        control = states.get(CONTROL)
+        self.control = state_ops.clone(control) if control is not None else None
         self.model_server.load_state_dict(states)
 
 

@@ -76,7 +76,8 @@ class ServerMomentum:
         return {"velocity": self.velocity} if self.velocity is not None else {}
 
     def load_state_dict(self, states: Mapping[str, State]) -> None:
-        self.velocity = states.get("velocity")
+        velocity = states.get("velocity")
+        self.velocity = state_ops.clone(velocity) if velocity is not None else None
 
 
 class _AdaptiveServerOptimizer:
@@ -96,12 +97,15 @@ class _AdaptiveServerOptimizer:
             self.m = _moment_like(pseudo_gradient)
             self.v = _moment_like(pseudo_gradient, fill=self.v_init)
         new_state: State = OrderedDict()
+        new_m: State = OrderedDict()
+        new_v: State = OrderedDict()
         for key, param in global_state.items():
             delta = pseudo_gradient[key].to(self.m[key].dtype)
-            self.m[key] = self.beta1 * self.m[key] + (1 - self.beta1) * delta
-            self.v[key] = self.update_v(self.v[key], delta * delta)
-            step = self.lr * self.m[key] / (self.v[key].sqrt() + self.tau)
+            new_m[key] = self.beta1 * self.m[key] + (1 - self.beta1) * delta
+            new_v[key] = self.update_v(self.v[key], delta * delta)
+            step = self.lr * new_m[key] / (new_v[key].sqrt() + self.tau)
             new_state[key] = (param + step).to(param.dtype)
+        self.m, self.v = new_m, new_v  # fresh dicts: states handed out earlier stay valid
         return new_state
 
     def state_dict(self) -> dict[str, State]:
@@ -110,8 +114,8 @@ class _AdaptiveServerOptimizer:
         return {"m": self.m, "v": self.v}
 
     def load_state_dict(self, states: Mapping[str, State]) -> None:
-        self.m = states.get("m")
-        self.v = states.get("v")
+        self.m = state_ops.clone(states["m"]) if "m" in states else None
+        self.v = state_ops.clone(states["v"]) if "v" in states else None
 
 
 @SERVER_OPTIMIZERS.register("adagrad")

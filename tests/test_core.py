@@ -1,0 +1,160 @@
+"""Core contracts: State arithmetic and serialization, registry errors, client stores,
+checkpoints, seeded sampling, and the loop's rejection of malformed updates."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from fedfm.core import client_store as store_ops
+from fedfm.core import state as S
+from fedfm.core.checkpoint import CheckpointManager, latest_checkpoint, load_checkpoint
+from fedfm.core.loop import (
+    ClientOutcome,
+    EvalReport,
+    LoopSettings,
+    LoopSnapshot,
+    RoundLoop,
+    sample_clients,
+    simulate_dropouts,
+)
+from fedfm.core.registry import Registry, UnknownComponentError
+from fedfm.core.update import ClientUpdate
+
+
+def _state(*values: float) -> S.State:
+    return OrderedDict(a=torch.tensor(values[:2], dtype=torch.float32),
+                       b=torch.tensor([[values[2]]], dtype=torch.float32))
+
+
+def test_weighted_mean_is_exact_example_weighting() -> None:
+    s1, s2 = _state(1.0, 2.0, 3.0), _state(3.0, 6.0, -1.0)
+    mean = S.weighted_mean([s1, s2], [1, 3])
+    assert torch.allclose(mean["a"], torch.tensor([2.5, 5.0]))
+    assert torch.allclose(mean["b"], torch.tensor([[0.0]]))
+    assert mean["a"].dtype == torch.float32
+
+
+def test_state_serialization_round_trip_keeps_order_and_bits() -> None:
+    state = OrderedDict(z=torch.randn(3, 2), a=torch.randn(4).to(torch.bfloat16))
+    back = S.from_bytes(S.to_bytes(state))
+    assert list(back) == ["z", "a"]
+    assert S.equal(state, back)
+    assert S.num_bytes(state) == len(S.to_bytes(state))
+
+
+def test_check_compatible_names_the_key() -> None:
+    with pytest.raises(S.StateMismatchError, match="b has shape"):
+        S.check_compatible(_state(1, 2, 3), OrderedDict(a=torch.zeros(2), b=torch.zeros(2)))
+    with pytest.raises(S.StateMismatchError, match="missing"):
+        S.check_compatible(_state(1, 2, 3), OrderedDict(a=torch.zeros(2)))
+
+
+def test_registry_lists_known_names_on_unknown() -> None:
+    registry: Registry[int] = Registry("widget")
+    registry.register("alpha")(1)
+    with pytest.raises(UnknownComponentError, match="unknown widget 'beta'; available: alpha"):
+        registry.get("beta")
+    with pytest.raises(ValueError, match="twice"):
+        registry.register("alpha")(2)
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_client_store_round_trip(kind: str, tmp_path) -> None:
+    store = (store_ops.MemoryClientStore() if kind == "memory"
+             else store_ops.DiskClientStore(tmp_path / "clients"))
+    store.put(3, {"control": _state(1, 2, 3)})
+    store.put(1, {"control": _state(4, 5, 6), "residual": _state(7, 8, 9)})
+    flat = store_ops.export_store(store)
+    other = store_ops.MemoryClientStore()
+    store_ops.import_store(other, flat)
+    assert other.client_ids() == [1, 3]
+    assert S.equal(other.get(1)["residual"], _state(7, 8, 9))
+    assert store.get(0) is None
+
+
+def test_checkpoint_round_trip_and_latest(tmp_path) -> None:
+    store = store_ops.MemoryClientStore()
+    store.put(2, {"control": _state(1, 1, 1)})
+    manager = CheckpointManager(tmp_path, every=2, keep=2, client_store=store)
+    for round_index in (1, 2, 3, 4, 5):
+        snapshot = LoopSnapshot(round_index, _state(round_index, 0, 0),
+                                {"optimizer.m": _state(0, 1, 2)}, {"bytes_up": 10.0})
+        if manager.should_save(round_index, last_round=5):
+            manager.save(snapshot)
+    saved = sorted(p.name for p in tmp_path.glob("round_*"))
+    assert saved == ["round_0004", "round_0005"]  # 2 and 4 and 5 saved, keep=2
+    checkpoint = load_checkpoint(latest_checkpoint(tmp_path))
+    assert checkpoint.snapshot.round == 5
+    assert S.equal(checkpoint.snapshot.global_state, _state(5, 0, 0))
+    assert S.equal(checkpoint.snapshot.server_state["optimizer.m"], _state(0, 1, 2))
+    assert checkpoint.client_states["2/control::a"].tolist() == [1.0, 1.0]
+
+
+def test_sampling_and_dropouts_are_seeded_and_sized() -> None:
+    first = sample_clients(7, 3, 100, 10)
+    assert first == sample_clients(7, 3, 100, 10)
+    assert len(set(first)) == 10 and first == sorted(first)
+    assert first != sample_clients(7, 4, 100, 10)
+    assert sample_clients(0, 1, 5, 9) == [0, 1, 2, 3, 4]
+    clients = list(range(2000))
+    dropped = simulate_dropouts(1, 1, clients, 0.25)
+    assert 0.2 < len(dropped) / 2000 < 0.3
+    assert simulate_dropouts(1, 1, clients, 0.0) == set()
+
+
+class _EchoRuntime:
+    """Returns scripted updates; lets the loop be tested without a model."""
+
+    def __init__(self, payloads: dict[int, S.State]) -> None:
+        self.payloads = payloads
+
+    def run_clients(self, client_ids, broadcast, round):
+        for cid in client_ids:
+            update = ClientUpdate(cid, self.payloads[cid], num_examples=cid + 1)
+            yield ClientOutcome(cid, update, bytes_up=update.num_bytes())
+
+    def evaluate(self, global_state, *, round, per_client):
+        return EvalReport({"norm": S.global_norm(global_state)}, {})
+
+    def close(self) -> None:
+        return None
+
+
+class _MeanServer:
+    def broadcast_extras(self, global_state):
+        return {}
+
+    def aggregate(self, global_state, updates, round):
+        mean = S.weighted_mean([u.payload for u in updates], [u.num_examples for u in updates])
+        return S.add(global_state, mean)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, states) -> None:
+        return None
+
+
+def test_loop_rejects_malformed_updates_without_crashing() -> None:
+    good = _state(1, 1, 1)
+    payloads = {0: good, 1: OrderedDict(a=torch.zeros(5), b=torch.zeros(1, 1)),
+                2: _state(float("nan"), 0, 0)}
+    records: list[dict] = []
+
+    class Recorder:
+        def on_round_start(self, round, selected): ...
+        def on_client_done(self, round, outcome): ...
+        def on_round_end(self, record): records.append(record)
+
+    loop = RoundLoop(settings=LoopSettings(seed=0, num_clients=3, sample_size=3, rounds=1),
+                     server=_MeanServer(), runtime=_EchoRuntime(payloads),
+                     observers=[Recorder()])
+    final = loop.run(LoopSnapshot(0, S.zeros_like(good), {}, {}))
+    assert S.equal(final.global_state, good)  # only client 0 was aggregated
+    statuses = {cid: c["status"] for cid, c in records[0]["clients"].items()}
+    assert statuses == {"0": "ok", "1": "rejected", "2": "rejected"}
+    assert "shape" in records[0]["clients"]["1"]["error"]
+    assert records[0]["bytes_up"] > 0 and "eval" in records[0]
