@@ -74,7 +74,7 @@ def _model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[
 
 
 def _token_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-    """Summed float32 cross-entropy over the positions where ``targets != -100``, and their count."""
+    """Float32 cross-entropy summed over the positions where ``targets != -100``; their count."""
     mask = targets != IGNORE_INDEX
     count = int(mask.sum())
     if count == 0:
@@ -190,6 +190,39 @@ def _special_ids(model: Any, tokenizer: Any) -> tuple[int, list[int]]:
     return int(pad), eos_ids
 
 
+def _greedy_config(
+    model: Any, max_new_tokens: int, start: int, pad_id: int, eos_ids: list[int]
+) -> GenerationConfig:
+    """Plain greedy decoding whatever the model's own generation config says.
+
+    The length is given as ``max_length = start + max_new_tokens`` rather than ``max_new_tokens``
+    (transformers warns on every call when the model's config sets ``max_length`` and the call
+    sets ``max_new_tokens``) unless the model's config itself sets ``max_new_tokens``, which would
+    otherwise win. The sampling knobs are pinned to their neutral values, so inherited ones such as
+    ``temperature=0.6`` neither apply nor trigger warnings.
+    """
+    model_cfg = getattr(model, "generation_config", None)
+    if model_cfg is not None and getattr(model_cfg, "max_new_tokens", None) is not None:
+        length: dict[str, int] = {"max_new_tokens": max_new_tokens}
+    else:
+        length = {"max_length": start + max_new_tokens}
+    return GenerationConfig(
+        **length,
+        do_sample=False,
+        num_beams=1,
+        temperature=1.0,
+        top_k=50,
+        top_p=1.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids or None,
+    )
+
+
 def _pad_prompts(
     prompts: list[list[int]], pad_id: int, *, left: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,12 +261,17 @@ def _generate_batch(
     prompts: list[list[int]],
     *,
     task: str,
-    config: GenerationConfig,
+    max_new_tokens: int,
+    pad_id: int,
     eos_ids: list[int],
     device: torch.device,
 ) -> list[str]:
-    input_ids, attention_mask = _pad_prompts(prompts, config.pad_token_id, left=task == "causal_lm")
+    input_ids, attention_mask = _pad_prompts(prompts, pad_id, left=task == "causal_lm")
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    # Causal LMs count the (left-padded, equal-width) prompt in max_length; encoder-decoders count
+    # the decoder start token.
+    start = input_ids.shape[1] if task == "causal_lm" else 1
+    config = _greedy_config(model, max_new_tokens, start, pad_id, eos_ids)
     output = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, generation_config=config
     )
@@ -263,17 +301,12 @@ def generate_rouge(
     models and ``peft`` models alike.
     """
     _check_task(task, LM_TASKS)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not examples:
         return {}
     device = torch.device(device)
     pad_id, eos_ids = _special_ids(model, tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids or None,
-    )
     predictions: list[str] = []
     with _eval_mode(model):
         for chunk in _batches(examples, batch_size):
@@ -282,7 +315,8 @@ def generate_rouge(
                 tokenizer,
                 [list(ex["prompt_ids"]) for ex in chunk],
                 task=task,
-                config=config,
+                max_new_tokens=max_new_tokens,
+                pad_id=pad_id,
                 eos_ids=eos_ids,
                 device=device,
             )

@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-IntArrayLike = Union[Sequence[int], np.ndarray, torch.Tensor]
+IntArrayLike = Sequence[int] | np.ndarray | torch.Tensor
 
 __all__ = ["accuracy", "macro_f1", "perplexity", "rouge_l"]
 
@@ -104,6 +104,6 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     scorer = _rouge_l_scorer()
     scores = [
         scorer.score(ref, pred)["rougeL"].fmeasure
-        for pred, ref in zip(predictions, references)
+        for pred, ref in zip(predictions, references, strict=True)
     ]
     return float(np.mean(scores))
