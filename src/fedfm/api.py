@@ -48,6 +48,11 @@ def _register_components() -> None:
 def check_components(config: RunConfig) -> None:
     """Reject unknown component names before any model or data is loaded."""
     _register_components()
+    if config.data.format == "preference":
+        raise ConfigError(
+            "invalid config: data.format: 'preference' data is loaded and validated "
+            "(fedfm data stats) but training on it (federated DPO) is not available yet; "
+            "use instruction, chat or classification")
     for registry, value, path in (
         (ALGORITHMS, config.algorithm.name, "algorithm.name"),
         (SERVER_OPTIMIZERS, config.algorithm.server_optimizer.name,
@@ -184,6 +189,7 @@ def _drive(config: RunConfig, algorithm: Algorithm, runtime: Runtime,
         seed=config.seed, num_clients=config.federation.num_clients,
         sample_size=config.federation.sample_size(), rounds=config.federation.rounds,
         dropout_prob=config.federation.dropout_prob, eval_every=config.eval.every,
+        eval_enabled=config.eval.enabled,
         eval_at_start=config.eval.at_start, per_client_eval=config.eval.per_client)
     observers: list[Any] = [MetricsFileSink(run_dir)]
     loop = RoundLoop(settings=settings, server=algorithm.server, runtime=runtime,

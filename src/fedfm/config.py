@@ -225,6 +225,7 @@ class GenerationEvalConfig(_Section):
 class EvalConfig(_Section):
     """Global and per-client evaluation every ``every`` rounds and after the last one."""
 
+    enabled: bool = True  # False: no evaluation at all (benchmarks)
     every: int = Field(default=1, ge=1)
     at_start: bool = False  # also evaluate the initial model (round 0)
     per_client: bool = True
@@ -261,11 +262,6 @@ class RunConfig(_Section):
     def _cross_checks(self) -> RunConfig:
         if self.adapter.kind == "head" and self.data.format != "classification":
             raise ValueError("adapter.kind='head' needs data.format='classification'")
-        if self.data.format == "preference":
-            raise ValueError(
-                "data.format='preference' is loaded and validated (fedfm data stats) but "
-                "training on preference data (federated DPO) is not available in this release"
-            )
         return self
 
     def config_hash(self) -> str:
@@ -367,11 +363,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def _resolve_data_paths(config: RunConfig, config_dir: Path) -> RunConfig:
     for field in ("path", "validation_path"):
         value = getattr(config.data, field)
-        if value is None or Path(value).is_absolute() or Path(value).exists():
+        if value is None:
             continue
-        candidate = config_dir / value
-        if candidate.exists():
-            setattr(config.data, field, str(candidate))
+        file_part = value.split("::", 1)[0]  # "dir::split" names a split of a saved dataset
+        if Path(file_part).is_absolute() or Path(file_part).exists():
+            continue
+        if (config_dir / file_part).exists():
+            setattr(config.data, field, str(config_dir / value))
     return config
 
 
