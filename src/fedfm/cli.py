@@ -80,23 +80,20 @@ def validate(config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
 def data_stats(config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
                set_: SetOption = None) -> None:
     """Print the per-client data table (sizes, label histograms) for a config."""
-    from fedfm.data import build_federated_data, load_label_info, render_stats_table
-    from fedfm.models import load_tokenizer
+    from fedfm.data import describe_federated_data, render_stats_table
+    from fedfm.models import PRESETS
 
     try:
         run_config = load_config(config, list(set_ or []))
-        tokenizer, task = load_tokenizer(run_config.model)
-        if run_config.data.format == "classification":
-            load_label_info(run_config.data)
-        data = build_federated_data(run_config.data,
-                                    num_clients=run_config.federation.num_clients,
-                                    tokenizer=tokenizer, task=task,
-                                    max_length=run_config.model.max_length,
-                                    seed=run_config.seed)
+        preset = PRESETS.get(run_config.model.name)
+        task = run_config.model.task or (preset.task if preset is not None else "causal_lm")
+        stats = describe_federated_data(run_config.data,
+                                        num_clients=run_config.federation.num_clients,
+                                        task=task, seed=run_config.seed)
     except _user_errors() as exc:
         _fail(exc)
         return
-    Console().print(render_stats_table(data.stats))
+    Console().print(render_stats_table(stats))
 
 
 @app.command()
@@ -107,7 +104,7 @@ def methods() -> None:
     from fedfm.api import _register_components
     from fedfm.core.registries import AGGREGATORS, ALGORITHMS, RUNTIMES, SERVER_OPTIMIZERS
     from fedfm.data.partition import PARTITIONERS
-    from fedfm.models import preset_names
+    from fedfm.models import PEFT_KINDS, SELECTIVE_KINDS, preset_names
 
     _register_components()
     table = Table(title="fedfm components")
@@ -116,8 +113,7 @@ def methods() -> None:
     for registry in (ALGORITHMS, SERVER_OPTIMIZERS, AGGREGATORS, RUNTIMES, PARTITIONERS):
         table.add_row(registry.kind, ", ".join(registry.names()))
     table.add_row("model preset", ", ".join(preset_names()))
-    table.add_row("adapter", "lora, ia3, prompt_tuning, prefix_tuning, bitfit, layernorm, "
-                  "last_layers, head, full")
+    table.add_row("adapter", ", ".join([*PEFT_KINDS, *SELECTIVE_KINDS]))
     Console().print(table)
 
 
