@@ -191,16 +191,19 @@ def _drive(config: RunConfig, algorithm: Algorithm, runtime: Runtime,
         dropout_prob=config.federation.dropout_prob, eval_every=config.eval.every,
         eval_enabled=config.eval.enabled,
         eval_at_start=config.eval.at_start, per_client_eval=config.eval.per_client)
-    observers: list[Any] = [MetricsFileSink(run_dir)]
-    loop = RoundLoop(settings=settings, server=algorithm.server, runtime=runtime,
-                     observers=observers, checkpointer=checkpointer,
-                     fairness=lambda per_client: fairness_summary(
-                         dict(per_client), metric=metric, higher_is_better=higher_is_better))
+
+    def make_loop(observers: list[Any]) -> RoundLoop:
+        return RoundLoop(settings=settings, server=algorithm.server, runtime=runtime,
+                         observers=[MetricsFileSink(run_dir), *observers],
+                         checkpointer=checkpointer,
+                         fairness=lambda per_client: fairness_summary(
+                             dict(per_client), metric=metric,
+                             higher_is_better=higher_is_better))
+
     if not show:
-        return loop.run(snapshot)
+        return make_loop([]).run(snapshot)
     with ConsoleProgress(settings.rounds, start_round=snapshot.round) as progress:
-        observers.append(progress)
-        return loop.run(snapshot)
+        return make_loop([progress]).run(snapshot)
 
 
 def _finish(config: RunConfig, run_dir: RunDirectory, final: LoopSnapshot, workload: Any,

@@ -111,6 +111,7 @@ class LoopSettings:
     rounds: int
     dropout_prob: float = 0.0
     eval_every: int = 1
+    eval_enabled: bool = True
     eval_at_start: bool = False
     per_client_eval: bool = True
 
@@ -133,7 +134,7 @@ class RoundLoop:
         self.fairness = fairness
 
     def run(self, snapshot: LoopSnapshot) -> LoopSnapshot:
-        if snapshot.round == 0 and self.settings.eval_at_start:
+        if snapshot.round == 0 and self.settings.eval_at_start and self.settings.eval_enabled:
             record = {"round": 0, "eval": self._evaluate(snapshot.global_state, 0)}
             self._emit_end(record)
         while snapshot.round < self.settings.rounds:
@@ -210,6 +211,8 @@ class RoundLoop:
         return outcome
 
     def _is_eval_round(self, round_index: int) -> bool:
+        if not self.settings.eval_enabled:
+            return False
         return round_index % self.settings.eval_every == 0 or round_index == self.settings.rounds
 
     def _evaluate(self, global_state: State, round_index: int) -> dict[str, Any]:
