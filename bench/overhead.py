@@ -109,7 +109,8 @@ def run_fedfm(workload: Workload, initial: dict, rounds: int) -> float:
         loop = RoundLoop(settings=settings, server=algorithm.server,
                          runtime=LocalRuntime(workload, store),
                          observers=[MetricsFileSink(run_dir)],
-                         checkpointer=CheckpointManager(run_dir.checkpoints, client_store=store))
+                         checkpointer=CheckpointManager(run_dir.checkpoints, client_store=store),
+                         client_store=store)
         start = time.perf_counter()
         loop.run(LoopSnapshot(0, initial, {}, {}))
         return time.perf_counter() - start

@@ -196,3 +196,21 @@ def test_scaffold_rejects_update_without_controls() -> None:
     bad = ClientUpdate(0, OrderedDict(w=torch.zeros(2)), num_examples=1)
     with pytest.raises(ValueError, match="control_delta"):
         algorithm.server.check_update(bad, x)
+
+
+def test_epochs_become_full_batches_and_steps_default() -> None:
+    from fedfm.algorithms.local_train import num_optimizer_steps
+
+    assert LocalTrainingConfig().steps == 10
+    assert num_optimizer_steps(LocalTrainingConfig(epochs=1, batch_size=8), 20) == 2
+    assert num_optimizer_steps(LocalTrainingConfig(epochs=2.5, batch_size=4), 20) == 13
+    assert num_optimizer_steps(LocalTrainingConfig(epochs=1, batch_size=8, grad_accum=2),
+                               40) == 2
+    assert num_optimizer_steps(LocalTrainingConfig(epochs=1, batch_size=64), 10) == 1
+    with pytest.raises(ValueError, match="not both"):
+        LocalTrainingConfig(steps=3, epochs=1)
+
+
+def test_scaffold_requires_sgd_local_steps() -> None:
+    with pytest.raises(ValueError, match="must be 'sgd' for scaffold"):
+        AlgorithmConfig(name="scaffold")

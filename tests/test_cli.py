@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from fedfm.cli import app
 
-from .conftest import cls_config_dict
+from .conftest import DATA, cls_config_dict
 
 runner = CliRunner()
 
@@ -62,3 +62,21 @@ def test_validate_and_methods(tmp_path) -> None:
     assert listing.exit_code == 0
     for name in ("fedavg", "fedprox", "scaffold", "yogi", "dirichlet", "tiny-llama", "lora"):
         assert name in listing.output
+
+
+def test_unsupported_adapter_and_markup_in_messages_are_clean(tmp_path) -> None:
+    path = _config(tmp_path, model={"name": "tiny-llama"})  # classification data, causal LM
+    result = runner.invoke(app, ["run", str(path), "--quiet"])
+    assert result.exit_code == 2 and "needs task classification" in result.output
+    bitfit = runner.invoke(app, ["run", str(_config(tmp_path)), "--quiet",
+                                 "--set", "model.name=tiny-llama", "--set", "model.task=causal_lm",
+                                 "--set", "data.path=" + str(DATA / "dolly_train.jsonl"),
+                                 "--set", "data.format=instruction", "--set", "data.max_rows=40",
+                                 "--set", "data.validation_path=null",
+                                 "--set", "data.partition.kind=iid",
+                                 "--set", "adapter.kind=bitfit"])
+    assert bitfit.exit_code == 2 and "bitfit" in bitfit.output
+    assert "Traceback" not in bitfit.output
+    markup = runner.invoke(app, ["run", str(_config(tmp_path)), "--quiet",
+                                 "--set", "data.text_field='[/x]'"])
+    assert markup.exit_code == 2 and "[/x]" in markup.output

@@ -158,3 +158,58 @@ def test_loop_rejects_malformed_updates_without_crashing() -> None:
     assert statuses == {"0": "ok", "1": "rejected", "2": "rejected"}
     assert "shape" in records[0]["clients"]["1"]["error"]
     assert records[0]["bytes_up"] > 0 and "eval" in records[0]
+
+
+def _bad_update_round(update: ClientUpdate, store=None, client_state=None):
+    class OneShot:
+        def run_clients(self, client_ids, broadcast, round):
+            yield ClientOutcome(0, update, client_state=client_state)
+
+        def evaluate(self, global_state, *, round, per_client):
+            return EvalReport()
+
+        def close(self) -> None: ...
+
+    records: list[dict] = []
+
+    class Recorder:
+        def on_round_start(self, round, selected): ...
+        def on_client_done(self, round, outcome): ...
+        def on_round_end(self, record): records.append(record)
+
+    loop = RoundLoop(settings=LoopSettings(seed=0, num_clients=1, sample_size=1, rounds=1,
+                                           eval_enabled=False),
+                     server=_MeanServer(), runtime=OneShot(), observers=[Recorder()],
+                     client_store=store)
+    final = loop.run(LoopSnapshot(0, _state(0.0, 0.0, 0.0), {}, {}))
+    return final, records[0]["clients"]["0"]
+
+
+@pytest.mark.parametrize("update", [
+    ClientUpdate(0, _state(1.0, 1.0, 1.0), num_examples=float("nan")),
+    ClientUpdate(0, _state(1.0, 1.0, 1.0), num_examples=True),
+    ClientUpdate(0, _state(1.0, 1.0, 1.0), num_examples=3,
+                 aux={"control_delta": _state(float("inf"), 0.0, 0.0)}),
+    ClientUpdate(0, _state(1.0, 1.0, 1.0), num_examples=3, metrics={"train_loss": "low"}),
+    ClientUpdate(0, _state(1.0, 1.0, 1.0), num_examples=3, metrics={"x": float("nan")}),
+])
+def test_poisoned_updates_are_rejected_and_leave_the_global_state(update) -> None:
+    final, record = _bad_update_round(update)
+    assert record["status"] == "rejected"
+    assert S.equal(final.global_state, _state(0.0, 0.0, 0.0))
+
+
+def test_client_state_is_committed_only_for_accepted_updates() -> None:
+    store = store_ops.MemoryClientStore()
+    rejected = ClientUpdate(0, _state(float("nan"), 0.0, 0.0), num_examples=1)
+    _bad_update_round(rejected, store, client_state={"control": _state(1.0, 1.0, 1.0)})
+    assert store.get(0) is None
+    accepted = ClientUpdate(0, _state(1.0, 0.0, 0.0), num_examples=1)
+    _, record = _bad_update_round(accepted, store, client_state={"control": _state(2.0, 2, 2)})
+    assert record["status"] == "ok" and S.equal(store.get(0)["control"], _state(2.0, 2, 2))
+
+
+def test_client_metrics_cannot_overwrite_the_record() -> None:
+    update = ClientUpdate(0, _state(1.0, 0.0, 0.0), num_examples=1, metrics={"status": 1.0})
+    _, record = _bad_update_round(update)
+    assert record["status"] == "ok"

@@ -143,3 +143,26 @@ def test_every_adapter_family_trains_federated(cls_config, kind) -> None:
     assert not S.equal(result.final_state, initial)  # the communicated State moved
     set_state(workload.model, result.final_state)  # and loads back into a fresh model
     assert "accuracy" in result.metrics[-1]["eval"]["global"]
+
+
+def test_resume_before_the_first_checkpoint_starts_clean(lm_config, monkeypatch) -> None:
+    changes = dict(algorithm={"name": "scaffold", "local": {"optimizer": "sgd", "lr": 0.05}},
+                   runtime={"client_store": "disk"}, tracking={"checkpoint_every": 2},
+                   eval={"at_start": True})
+    uninterrupted = api.run(lm_config(**changes))
+    original = loop_module.RoundLoop.run_round
+
+    def crash_in_round_two(self, snapshot):
+        if snapshot.round == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, snapshot)
+
+    monkeypatch.setattr(loop_module.RoundLoop, "run_round", crash_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        api.run(lm_config(**changes))
+    monkeypatch.setattr(loop_module.RoundLoop, "run_round", original)
+    crashed = next(r for r in uninterrupted.run_dir.parent.glob("test-lm-*")
+                   if r != uninterrupted.run_dir)
+    resumed = api.run(resume=crashed)
+    assert S.equal(uninterrupted.final_state, resumed.final_state)
+    assert [r["round"] for r in resumed.metrics] == [0, 1, 2, 3]

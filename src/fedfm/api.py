@@ -53,6 +53,7 @@ def check_components(config: RunConfig) -> None:
             "invalid config: data.format: 'preference' data is loaded and validated "
             "(fedfm data stats) but training on it (federated DPO) is not available yet; "
             "use instruction, chat or classification")
+    _check_task(config)
     for registry, value, path in (
         (ALGORITHMS, config.algorithm.name, "algorithm.name"),
         (SERVER_OPTIMIZERS, config.algorithm.server_optimizer.name,
@@ -62,6 +63,22 @@ def check_components(config: RunConfig) -> None:
         if value not in registry:
             raise ConfigError(f"invalid config: {path}: unknown {registry.kind} {value!r} "
                               f"(available: {', '.join(registry.names())})")
+
+
+def resolve_task(config: RunConfig) -> str:
+    """The model task: ``model.task``, else the preset's, else ``causal_lm``."""
+    from fedfm.models import PRESETS
+
+    preset = PRESETS.get(config.model.name)
+    return config.model.task or (preset.task if preset is not None else "causal_lm")
+
+
+def _check_task(config: RunConfig) -> None:
+    from fedfm.data import check_task
+    from fedfm.runtime.workload import resolve_device
+
+    check_task(config.data.format, resolve_task(config))
+    resolve_device(config.runtime)
 
 
 def seed_everything(seed: int) -> None:
@@ -158,7 +175,7 @@ def run(config: RunConfig | str | Path | None = None, *, overrides: list[str] | 
                                      client_store=store)
     show = run_config.tracking.console if console is None else console
     final = _drive(run_config, algorithm, runtime, checkpointer, run_dir, snapshot, show,
-                   workload)
+                   workload, store)
     runtime.close()
     return _finish(run_config, run_dir, final, workload, show)
 
@@ -166,8 +183,9 @@ def run(config: RunConfig | str | Path | None = None, *, overrides: list[str] | 
 def _restore(run_dir: RunDirectory, algorithm: Algorithm, store: ClientStore,
              initial: LoopSnapshot) -> LoopSnapshot:
     checkpoint_path = latest_checkpoint(run_dir.checkpoints)
-    if checkpoint_path is None:
-        run_dir.truncate_metrics(0)
+    if checkpoint_path is None:  # crashed before the first checkpoint: start over cleanly
+        run_dir.truncate_metrics(-1)
+        store.clear()
         return initial
     checkpoint = load_checkpoint(checkpoint_path)
     state_ops.check_compatible(initial.global_state, checkpoint.snapshot.global_state,
@@ -181,7 +199,7 @@ def _restore(run_dir: RunDirectory, algorithm: Algorithm, store: ClientStore,
 
 def _drive(config: RunConfig, algorithm: Algorithm, runtime: Runtime,
            checkpointer: CheckpointManager, run_dir: RunDirectory, snapshot: LoopSnapshot,
-           show: bool, workload: Any) -> LoopSnapshot:
+           show: bool, workload: Any, store: ClientStore) -> LoopSnapshot:
     from fedfm.eval import fairness_summary, primary_metric
 
     metric, higher_is_better = primary_metric(workload.bundle.task)
@@ -195,7 +213,7 @@ def _drive(config: RunConfig, algorithm: Algorithm, runtime: Runtime,
     def make_loop(observers: list[Any]) -> RoundLoop:
         return RoundLoop(settings=settings, server=algorithm.server, runtime=runtime,
                          observers=[MetricsFileSink(run_dir), *observers],
-                         checkpointer=checkpointer,
+                         checkpointer=checkpointer, client_store=store,
                          fairness=lambda per_client: fairness_summary(
                              dict(per_client), metric=metric,
                              higher_is_better=higher_is_better))

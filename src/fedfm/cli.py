@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedfm.config import ConfigError, load_config
 
@@ -27,15 +29,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fedfm.core.checkpoint import CheckpointError
     from fedfm.core.registry import UnknownComponentError
     from fedfm.core.state import StateMismatchError
-    from fedfm.data import DataError
-    from fedfm.models import ModelLoadError
+    from fedfm.data import DataError, PartitionError
+    from fedfm.models import AdapterError, ModelLoadError
 
+    if os.environ.get("FEDFM_DEBUG"):  # show full tracebacks instead
+        return ()
     return (ConfigError, CheckpointError, UnknownComponentError, StateMismatchError,
-            DataError, ModelLoadError, FileNotFoundError)
+            DataError, PartitionError, ModelLoadError, AdapterError, FileNotFoundError)
 
 
 def _fail(exc: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -80,13 +84,13 @@ def validate(config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
 def data_stats(config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
                set_: SetOption = None) -> None:
     """Print the per-client data table (sizes, label histograms) for a config."""
-    from fedfm.data import describe_federated_data, render_stats_table
-    from fedfm.models import PRESETS
+    from fedfm.api import resolve_task
+    from fedfm.data import check_task, describe_federated_data, render_stats_table
 
     try:
         run_config = load_config(config, list(set_ or []))
-        preset = PRESETS.get(run_config.model.name)
-        task = run_config.model.task or (preset.task if preset is not None else "causal_lm")
+        task = resolve_task(run_config)
+        check_task(run_config.data.format, task)
         stats = describe_federated_data(run_config.data,
                                         num_clients=run_config.federation.num_clients,
                                         task=task, seed=run_config.seed)

@@ -153,8 +153,8 @@ class FederationConfig(_Section):
 class LocalTrainingConfig(_Section):
     """What each client does with its data in one round."""
 
-    steps: int | None = Field(default=10, ge=1)  # optimizer steps; wins over epochs
-    epochs: float | None = Field(default=None, gt=0)
+    steps: int | None = Field(default=None, ge=1)  # optimizer steps (10 if neither is set)
+    epochs: float | None = Field(default=None, gt=0)  # passes over the client's data
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -166,11 +166,17 @@ class LocalTrainingConfig(_Section):
     warmup_steps: int = Field(default=0, ge=0)
     max_grad_norm: float | None = Field(default=None, gt=0)
 
-    @model_validator(mode="after")
-    def _steps_or_epochs(self) -> LocalTrainingConfig:
-        if self.steps is None and self.epochs is None:
-            raise ValueError("set local.steps or local.epochs")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        steps, epochs = raw.get("steps"), raw.get("epochs")
+        if steps is not None and epochs is not None:
+            raise ValueError("set steps or epochs, not both")
+        if steps is None and epochs is None:
+            return {**raw, "steps": 10}
+        return raw
 
 
 ServerOptimizerName = Literal["sgd", "avgm", "adam", "yogi", "adagrad"]
@@ -197,6 +203,14 @@ class AlgorithmConfig(_Section):
     weighting: Literal["examples", "uniform"] = "examples"
     local: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
+
+    @model_validator(mode="after")
+    def _scaffold_needs_sgd(self) -> AlgorithmConfig:
+        if self.name == "scaffold" and self.local.optimizer != "sgd":
+            raise ValueError(
+                "algorithm.local.optimizer must be 'sgd' for scaffold: its control variates "
+                "(x - y)/(K lr) estimate gradients only under plain SGD steps")
+        return self
 
 
 # ------------------------------------------------------------- runtime / eval / tracking
@@ -261,7 +275,8 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         if self.adapter.kind == "head" and self.data.format != "classification":
-            raise ValueError("adapter.kind='head' needs data.format='classification'")
+            raise ValueError("adapter.kind: 'head' needs data.format 'classification' "
+                             f"(got {self.data.format!r})")
         return self
 
     def config_hash(self) -> str:
@@ -285,6 +300,9 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         message = item["msg"]
         if kind == "missing":
             lines.append(f"  {path}: required field is missing")
+        elif kind == "value_error" or isinstance(bad, dict):
+            # a cross-field check: its message names the fields; don't dump the section
+            lines.append(f"  {path}: {message.removeprefix('Value error, ')}")
         else:
             shown = repr(bad)
             if len(shown) > 80:
@@ -365,11 +383,14 @@ def _resolve_data_paths(config: RunConfig, config_dir: Path) -> RunConfig:
         value = getattr(config.data, field)
         if value is None:
             continue
-        file_part = value.split("::", 1)[0]  # "dir::split" names a split of a saved dataset
-        if Path(file_part).is_absolute() or Path(file_part).exists():
+        file_part, sep, split = value.partition("::")  # "dir::split": a saved dataset's split
+        if Path(file_part).is_absolute():
             continue
-        if (config_dir / file_part).exists():
-            setattr(config.data, field, str(config_dir / value))
+        # absolute, so a run resumed from another directory still finds its data
+        for base in (Path.cwd(), config_dir):
+            if (base / file_part).exists():
+                setattr(config.data, field, str((base / file_part).resolve()) + sep + split)
+                break
     return config
 
 

@@ -6,6 +6,8 @@ With the ``sgd`` server optimizer at lr 1 this is FedAvg (McMahan et al., "Commu
 Efficient Learning of Deep Networks from Decentralized Data", AISTATS 2017); with ``adam``,
 ``yogi``, ``adagrad`` or ``avgm`` it is FedAdam / FedYogi / FedAdagrad (Reddi et al., "Adaptive
 Federated Optimization", ICLR 2021) or FedAvgM (Hsu et al., arXiv:1909.06335, 2019).
+The average is example-weighted by default, as in FedAvg; ``algorithm.weighting: uniform``
+gives the unweighted mean over participating clients that Reddi et al. and SCAFFOLD write.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ cosine schedule, gradient-norm clipping, and bf16 autocast when the runtime asks
 Algorithms hook in without copying the loop: ``grad_hook`` edits the accumulated gradients
 before clipping and the optimizer step (FedProx's proximal gradient, SCAFFOLD's correction).
 Batches are drawn with a generator seeded by the client's round seed, so a client's round is
-reproducible bit for bit.
+reproducible bit for bit. Each micro-batch's loss is the model's mean over that batch; with
+gradient accumulation the micro-batch means are averaged (as Hugging Face's Trainer does), and
+the learning-rate schedule runs over one client's local steps (it restarts every round).
 """
 
 from __future__ import annotations
@@ -48,12 +50,17 @@ def trainable_parameters(model: torch.nn.Module) -> NamedParams:
     return named
 
 
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches in one shuffled pass (``batch_indices`` drops the ragged tail)."""
+    return max(1, num_examples // batch_size)
+
+
 def num_optimizer_steps(cfg: LocalTrainingConfig, num_examples: int) -> int:
-    """``cfg.steps`` when set, else ``ceil(epochs * n / batch) / grad_accum`` (at least 1)."""
+    """``cfg.steps`` when set, else ``ceil(epochs * batches_per_epoch) / grad_accum`` (>= 1)."""
     if cfg.steps is not None:
         return cfg.steps
     assert cfg.epochs is not None
-    micro_batches = math.ceil(cfg.epochs * num_examples / cfg.batch_size)
+    micro_batches = math.ceil(cfg.epochs * batches_per_epoch(num_examples, cfg.batch_size))
     return max(1, micro_batches // cfg.grad_accum)
 
 

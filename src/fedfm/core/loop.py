@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedfm.core import state as state_ops
-from fedfm.core.algorithm import ServerRule
+from fedfm.core.algorithm import ClientState, ServerRule
+from fedfm.core.client_store import ClientStore
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast, ClientUpdate, validate_update
 
@@ -61,6 +62,7 @@ class ClientOutcome:
     bytes_up: int = 0
     status: str = "ok"  # ok | dropped | failed | rejected
     error: str | None = None
+    client_state: ClientState | None = None  # committed to the store only if accepted
 
 
 @dataclass
@@ -125,8 +127,10 @@ class RoundLoop:
     def __init__(self, *, settings: LoopSettings, server: ServerRule, runtime: Runtime,
                  observers: list[RoundObserver] | None = None,
                  checkpointer: Checkpointer | None = None,
-                 fairness: FairnessFn | None = None) -> None:
+                 fairness: FairnessFn | None = None,
+                 client_store: ClientStore | None = None) -> None:
         self.settings = settings
+        self.client_store = client_store
         self.server = server
         self.runtime = runtime
         self.observers = list(observers or [])
@@ -163,6 +167,10 @@ class RoundLoop:
         client_start = time.perf_counter()
         for outcome in self.runtime.run_clients(active, broadcast, round_index):
             outcome = self._screen(outcome, snapshot.global_state)
+            outcome.bytes_down = bytes_down
+            if (outcome.status == "ok" and outcome.client_state is not None
+                    and self.client_store is not None):
+                self.client_store.put(outcome.client_id, outcome.client_state)
             outcomes.append(outcome)
             self._emit_client(round_index, outcome)
         client_time = time.perf_counter() - client_start
@@ -189,10 +197,11 @@ class RoundLoop:
         record["wall_time"] = {"clients": client_time, "aggregate": aggregate_time,
                                "eval": eval_time, "round": round_time}
         next_snapshot = LoopSnapshot(round_index, new_global, self.server.state_dict(), totals)
+        # metrics first: a crash before the checkpoint reruns the round and truncates its line
+        self._emit_end(record)
         if self.checkpointer is not None and self.checkpointer.should_save(
                 round_index, settings.rounds):
             self.checkpointer.save(next_snapshot)
-        self._emit_end(record)
         return next_snapshot
 
     # ------------------------------------------------------------------ helpers
@@ -232,9 +241,10 @@ class RoundLoop:
             entry: dict[str, Any] = {"status": outcome.status, "wall_time": outcome.wall_time,
                                      "bytes_up": outcome.bytes_up,
                                      "bytes_down": outcome.bytes_down}
-            if outcome.update is not None:
+            if outcome.update is not None and outcome.status == "ok":
                 entry["num_examples"] = outcome.update.num_examples
-                entry.update(outcome.update.metrics)
+                entry.update({k: v for k, v in outcome.update.metrics.items()
+                              if k not in entry})
             if outcome.error:
                 entry["error"] = outcome.error
             clients[str(outcome.client_id)] = entry

@@ -8,6 +8,8 @@ of a State. All functions here are pure: they return new tensors and never modif
 
 from __future__ import annotations
 
+import json
+import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -109,16 +111,36 @@ def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
     return max((float((a[k].double() - b[k].double()).abs().max()) for k in a), default=0.0)
 
 
+_ORDER_KEY = "fedfm.key_order"
+
+
 def to_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize with safetensors (what goes over the wire and into checkpoints)."""
-    return _st_save(
-        {k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=dict(metadata or {})
-    )
+    """Serialize with safetensors (what goes over the wire and into checkpoints). The key
+    order is kept in the metadata, since safetensors itself stores tensors sorted."""
+    meta = dict(metadata or {})
+    meta[_ORDER_KEY] = json.dumps(list(state))
+    return _st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
+
+
+def read_metadata(payload: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors buffer (8-byte little-endian header length, then
+    the JSON header)."""
+    if len(payload) < 8:
+        raise ValueError("not a safetensors payload: shorter than its 8-byte header length")
+    header_length = struct.unpack("<Q", payload[:8])[0]
+    if header_length > len(payload) - 8:
+        raise ValueError("not a safetensors payload: header length exceeds the buffer")
+    header = json.loads(payload[8:8 + header_length])
+    return dict(header.get("__metadata__") or {})
 
 
 def from_bytes(payload: bytes) -> State:
-    """Inverse of ``to_bytes``, keeping the serialized key order."""
-    return OrderedDict(_st_load(payload).items())
+    """Inverse of ``to_bytes``: the same keys, in the same order, bit for bit."""
+    tensors = _st_load(payload)
+    order = json.loads(read_metadata(payload).get(_ORDER_KEY, "[]"))
+    if sorted(order) != sorted(tensors):
+        order = list(tensors)
+    return OrderedDict((k, tensors[k]) for k in order)
 
 
 def num_bytes(state: Mapping[str, torch.Tensor]) -> int:

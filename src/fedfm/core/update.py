@@ -54,14 +54,24 @@ class Broadcast:
 
 
 def validate_update(update: ClientUpdate, reference: Mapping[str, Any]) -> None:
-    """Reject a malformed update before it reaches an aggregator (keys, shapes, dtypes,
-    finite values, positive example count)."""
+    """Reject a malformed update before it reaches an aggregator: payload keys, shapes and
+    dtypes; finite values in the payload and every aux State; a positive integer example
+    count; finite numeric metrics."""
+    import math
+
     import torch
 
-    state_ops.check_compatible(reference, update.payload, what=f"client {update.client_id} payload")
-    if update.num_examples <= 0:
-        raise ValueError(f"client {update.client_id}: num_examples must be positive, "
-                         f"got {update.num_examples}")
-    for key, tensor in update.payload.items():
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"client {update.client_id}: payload {key} has non-finite values")
+    who = f"client {update.client_id}"
+    state_ops.check_compatible(reference, update.payload, what=f"{who} payload")
+    count = update.num_examples
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        raise ValueError(f"{who}: num_examples must be a positive integer, got {count!r}")
+    states = [("payload", update.payload), *((f"aux {n}", s) for n, s in update.aux.items())]
+    for where, checked in states:
+        for key, tensor in checked.items():
+            if not isinstance(tensor, torch.Tensor) or not torch.isfinite(tensor).all():
+                raise ValueError(f"{who}: {where} {key} is not a finite tensor")
+    for name, value in update.metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+                value):
+            raise ValueError(f"{who}: metric {name!r} must be a finite number, got {value!r}")

@@ -76,12 +76,12 @@ class FederatedData:
 
 
 def check_task(fmt: str, task: str) -> None:
-    """Raise ``ValueError`` when data format and model task do not fit together."""
+    """Raise ``DataError`` when data format and model task do not fit together."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     allowed = FORMAT_TASKS[fmt]
     if task not in allowed:
-        raise ValueError(f"data.format={fmt!r} needs task {' or '.join(allowed)}, got "
+        raise DataError(f"data.format={fmt!r} needs task {' or '.join(allowed)}, got "
                          f"task={task!r}" + (" (classification needs data.format="
                                              "'classification')" if task == "classification"
                                              else ""))
@@ -98,7 +98,7 @@ def partition_column(cfg: DataConfig) -> str | None:
 def _required_columns(cfg: DataConfig) -> tuple[str, ...]:
     column = partition_column(cfg)
     if cfg.partition.kind in KEYED_PARTITIONS and column is None:
-        raise ValueError(f"partition.kind={cfg.partition.kind!r} needs a column: set "
+        raise DataError(f"partition.kind={cfg.partition.kind!r} needs a column: set "
                          f"data.partition.by (e.g. by: category) for data.format="
                          f"{cfg.format!r}")
     if column is None or (cfg.format == "classification" and column == cfg.label_field):

@@ -66,6 +66,14 @@ UNSUPPORTED: dict[tuple[str, str, str], str] = {
         "T5ForSequenceClassification does not accept input embeddings, which prompt tuning needs",
     ("prefix_tuning", "t5", "classification"):
         "T5ForSequenceClassification does not handle prefix key/values (attention mask mismatch)",
+    # Decoder-only classifiers pool the last non-pad token; with prompt tuning peft passes
+    # inputs_embeds, so padding cannot be located and a pad position would be classified.
+    ("prompt_tuning", "llama", "classification"):
+        "decoder-only classification pools the last token, which prompt tuning's input "
+        "embeddings hide behind padding (use lora, ia3 or prefix_tuning)",
+    ("prompt_tuning", "gpt2", "classification"):
+        "decoder-only classification pools the last token, which prompt tuning's input "
+        "embeddings hide behind padding (use lora, ia3 or prefix_tuning)",
 }
 _CONV1D_FAMILIES = ("gpt2",)  # fused Conv1D projections: weights stored (in, out)
 

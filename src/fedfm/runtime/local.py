@@ -2,8 +2,9 @@
 
 Each client starts from the broadcast global State (copied into the adapter parameters in
 place; the frozen base is never copied), runs the algorithm's client half on its own data, and
-leaves behind a ``ClientUpdate`` and, for stateful algorithms, its per-client state.
-Per-client wall time and bytes up/down (the serialized payload sizes) are recorded.
+leaves behind a ``ClientUpdate`` and, for stateful algorithms, its new per-client state (the
+round loop commits it to the store only if the update is accepted). Per-client wall time and
+bytes up (the serialized payload size) are recorded; the loop adds bytes down.
 """
 
 from __future__ import annotations
@@ -46,16 +47,14 @@ class LocalRuntime:
 
     def run_clients(self, client_ids: list[int], broadcast: Broadcast,
                     round: int) -> Iterator[ClientOutcome]:
-        bytes_down = broadcast.num_bytes()
         for client_id in client_ids:
             start = time.perf_counter()
             self.workload.set_state(broadcast.global_state)
             result = self.workload.client.run(self.client_context(client_id, round), broadcast)
-            if result.client_state is not None:
-                self.client_store.put(client_id, result.client_state)
             yield ClientOutcome(client_id=client_id, update=result.update,
-                                wall_time=time.perf_counter() - start, bytes_down=bytes_down,
-                                bytes_up=result.update.num_bytes())
+                                wall_time=time.perf_counter() - start,
+                                bytes_up=result.update.num_bytes(),
+                                client_state=result.client_state)
 
     def evaluate(self, global_state: State, *, round: int, per_client: bool) -> EvalReport:
         return self.workload.evaluate(global_state, per_client=per_client)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedfm.config import EvalConfig, RunConfig, RuntimeConfig
+from fedfm.config import ConfigError, EvalConfig, RunConfig, RuntimeConfig
 from fedfm.core.algorithm import ClientProcedure
 from fedfm.core.loop import EvalReport
 from fedfm.core.state import State
@@ -25,8 +25,8 @@ from fedfm.models import ModelBundle, get_state, set_state
 
 def resolve_device(cfg: RuntimeConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("runtime.device='cuda' but no CUDA device is available "
-                         "(use 'auto' or 'cpu')")
+        raise ConfigError("invalid config: runtime.device: 'cuda' but no CUDA device is "
+                          "available (use 'auto' or 'cpu')")
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -62,23 +63,23 @@ class ConsoleProgress:
     def on_round_end(self, record: dict[str, Any]) -> None:
         round_index = record.get("round", 0)
         shown = "  ".join(f"{k}={_fmt(v)}" for k, v in headline_metrics(record).items())
-        self.progress.console.print(f"round {round_index}: {shown}")
+        self.progress.console.print(f"round {round_index}: {shown}", markup=False)
         if round_index > 0:
             self.progress.advance(self.rounds_task)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=f"fedfm run: {summary.get('name', '')}", show_header=False)
+    table = Table(title=escape(f"fedfm run: {summary.get('name', '')}"), show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     for key in ("algorithm", "model", "adapter", "rounds", "num_clients", "clients_per_round"):
         if key in summary:
-            table.add_row(key, _fmt(summary[key]))
+            table.add_row(key, escape(_fmt(summary[key])))
     table.add_row("trainable / communicated params", _fmt(summary.get("communicated_params")))
     table.add_row("wall time (s)", f"{summary.get('wall_time', 0.0):.1f}")
     table.add_row("bytes up / down", f"{summary.get('bytes_up', 0):,} / "
                                       f"{summary.get('bytes_down', 0):,}")
     for key, value in summary.get("final_metrics", {}).items():
         table.add_row(key, _fmt(value))
-    table.add_row("run directory", str(summary.get("run_dir", "")))
+    table.add_row("run directory", escape(str(summary.get("run_dir", ""))))
     return table
