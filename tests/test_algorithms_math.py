@@ -214,3 +214,22 @@ def test_epochs_become_full_batches_and_steps_default() -> None:
 def test_scaffold_requires_sgd_local_steps() -> None:
     with pytest.raises(ValueError, match="must be 'sgd' for scaffold"):
         AlgorithmConfig(name="scaffold")
+
+
+def test_group_by_length_keeps_every_example_once_and_cuts_padding() -> None:
+    from fedfm.algorithms.local_train import batch_indices
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(1, 60, (103,), generator=gen)]
+    batches = list(batch_indices(103, 8, 12, torch.Generator().manual_seed(1), lengths))
+    flat = [i for b in batches for i in b]
+    assert len(batches) == 12 and all(len(b) == 8 for b in batches)
+    assert len(set(flat)) == len(flat) == 96  # one epoch of full batches, no repeats
+
+    def padded_tokens(batch_list):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batch_list)
+
+    plain = list(batch_indices(103, 8, 12, torch.Generator().manual_seed(1)))
+    assert padded_tokens(batches) < 0.8 * padded_tokens(plain)
+    again = list(batch_indices(103, 8, 12, torch.Generator().manual_seed(1), lengths))
+    assert again == batches

@@ -165,6 +165,8 @@ class LocalTrainingConfig(_Section):
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     max_grad_norm: float | None = Field(default=None, gt=0)
+    # Batches of similar-length examples (less padding, faster on short mixed-length text).
+    group_by_length: bool = False
 
     @model_validator(mode="before")
     @classmethod

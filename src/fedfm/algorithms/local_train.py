@@ -64,12 +64,36 @@ def num_optimizer_steps(cfg: LocalTrainingConfig, num_examples: int) -> int:
     return max(1, micro_batches // cfg.grad_accum)
 
 
+def group_by_length(order: list[int], lengths: Sequence[int], batch_size: int,
+                    generator: torch.Generator, window: int = 50) -> list[int]:
+    """Reorder one shuffled epoch so each batch holds examples of similar length (less padding,
+    as Hugging Face Trainer's ``group_by_length``): sort windows of ``window`` batches by
+    length, cut them into batches, shuffle the full batches; a ragged batch goes last."""
+    span = batch_size * window
+    full: list[list[int]] = []
+    ragged: list[int] = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: -lengths[i])
+        for offset in range(0, len(chunk), batch_size):
+            batch = chunk[offset:offset + batch_size]
+            if len(batch) == batch_size:
+                full.append(batch)
+            else:
+                ragged.extend(batch)
+    shuffled = torch.randperm(len(full), generator=generator).tolist()
+    return [i for b in shuffled for i in full[b]] + ragged
+
+
 def batch_indices(num_examples: int, batch_size: int, num_batches: int,
-                  generator: torch.Generator) -> Iterator[list[int]]:
-    """Shuffled epochs, concatenated; every batch is full unless the data set is smaller."""
+                  generator: torch.Generator,
+                  lengths: Sequence[int] | None = None) -> Iterator[list[int]]:
+    """Shuffled epochs, concatenated; every batch is full unless the data set is smaller.
+    With ``lengths``, each epoch is grouped by length (``group_by_length``)."""
     produced = 0
     while produced < num_batches:
         order = torch.randperm(num_examples, generator=generator).tolist()
+        if lengths is not None:
+            order = group_by_length(order, lengths, batch_size, generator)
         for start in range(0, num_examples, batch_size):
             chunk = order[start:start + batch_size]
             if len(chunk) < batch_size and num_examples >= batch_size:
@@ -122,8 +146,9 @@ def train_locally(ctx: ClientContext, cfg: LocalTrainingConfig, *,
     total_steps = num_optimizer_steps(cfg, len(examples))
     generator = torch.Generator().manual_seed(ctx.seed)
     torch.manual_seed(ctx.seed)  # dropout and any other stochastic layers
+    lengths = [len(ex["input_ids"]) for ex in examples] if cfg.group_by_length else None
     batches = batch_indices(len(examples), cfg.batch_size, total_steps * cfg.grad_accum,
-                            generator)
+                            generator, lengths)
     autocast = _autocast(ctx)
     ctx.model.train()
     loss_sum, loss_count, examples_seen, lr_sum, lr = 0.0, 0, 0, 0.0, cfg.lr
