@@ -90,8 +90,11 @@ class Workload:
 
     def _evaluate_set(self, examples: list[dict[str, Any]], eval_cfg: EvalConfig
                       ) -> dict[str, float]:
+        # Every metric here is order-free (token- or example-weighted over the whole set), so
+        # batching by length only removes padding work.
+        by_length = sorted(examples, key=lambda ex: len(ex["input_ids"]))
         return evaluate_examples(
-            self.model, examples, task=self.bundle.task, collate_fn=self.collate_fn(),
+            self.model, by_length, task=self.bundle.task, collate_fn=self.collate_fn(),
             batch_size=eval_cfg.batch_size, device=self.device,
             autocast_dtype=self.autocast_dtype, num_labels=self.bundle.num_labels)
 
