@@ -5,7 +5,7 @@
 SHARED_DATA_DIR defaults to ``../shared/data`` next to the repository (``/work/shared/data``);
 the subsets are written next to this script. See README.md for sources and licenses.
 
-- ``sst2_train.jsonl``: 4,000 rows of ``sst2/train.jsonl`` (``random.Random(0).sample``, kept
+- ``sst2_train.jsonl``: 8,000 rows of ``sst2/train.jsonl`` (``random.Random(0).sample``, kept
   in file order); ``sst2_validation.jsonl``: the full 872-row GLUE dev set. Fields: sentence,
   label.
 - ``dolly_train.jsonl``: 2,000 rows of ``dolly15k/dolly15k.jsonl`` stratified by ``category``
@@ -28,7 +28,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 DEFAULT_SHARED = HERE.parents[2] / "shared" / "data"
 SEED = 0
-SST2_TRAIN_ROWS = 4000
+SST2_TRAIN_ROWS = 8000
 DOLLY_TRAIN_ROWS = 2000
 DOLLY_VALIDATION_ROWS = 200
 SST2_FIELDS = ("sentence", "label")
