@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from fedfm.config import RunConfig, config_from_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the attention choice cache: one per test session, never the user's
+os.environ.setdefault("FEDFM_CACHE_DIR", tempfile.mkdtemp(prefix="fedfm-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"

@@ -27,7 +27,8 @@ def test_same_seed_twice_gives_bitwise_equal_states(lm_config) -> None:
 
 
 def test_fedavg_with_one_client_equals_plain_training(lm_config) -> None:
-    """One client, SGD, server lr 1: R rounds of K steps == R*K plain SGD steps."""
+    """One client, SGD, server lr 1: R rounds of K steps == R*K plain SGD steps (the plain loop
+    uses the model's own loss; fedfm's run uses the fused chunked loss, so this also checks it)."""
     rounds, steps, lr = 3, 4, 0.05
     config = lm_config(
         federation={"num_clients": 1, "clients_per_round": 1, "rounds": rounds},
@@ -39,11 +40,14 @@ def test_fedavg_with_one_client_equals_plain_training(lm_config) -> None:
     api.seed_everything(config.seed)
     workload = api.build_workload(config, api.build_algorithm(config))
     model, examples = workload.model, workload.data.clients[0].train
+    assert workload.speed.fused_loss
+    lengths = [len(ex["input_ids"]) for ex in examples]  # group_by_length is on by default
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for round_index in range(1, rounds + 1):
         seed = derive_seed(config.seed, round_index, 0, 3)
-        order = batch_indices(len(examples), 4, steps, torch.Generator().manual_seed(seed))
+        order = batch_indices(len(examples), 4, steps, torch.Generator().manual_seed(seed),
+                              lengths)
         torch.manual_seed(seed)
         for chunk in order:
             batch = collate([examples[i] for i in chunk], pad_token_id=workload.pad_token_id,

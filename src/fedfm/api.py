@@ -77,7 +77,11 @@ def _check_task(config: RunConfig) -> None:
     from fedfm.data import check_task
     from fedfm.runtime.workload import resolve_device
 
-    check_task(config.data.format, resolve_task(config))
+    task = resolve_task(config)
+    check_task(config.data.format, task)
+    if config.algorithm.local.packing and task != "causal_lm":
+        raise ConfigError(f"invalid config: algorithm.local.packing: true needs a causal_lm "
+                          f"model (this one is {task}); packing concatenates decoder inputs")
     resolve_device(config.runtime)
 
 
@@ -105,7 +109,8 @@ def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
     """Load the model, apply the adapter, build the federated data (one per process)."""
     from fedfm.data import build_federated_data, load_label_info
     from fedfm.models import apply_adapter, load_model
-    from fedfm.runtime.workload import Workload, resolve_autocast, resolve_device
+    from fedfm.runtime.fast import prepare_fast_path
+    from fedfm.runtime.workload import Workload, resolve_device
 
     if config.runtime.num_threads is not None:
         torch.set_num_threads(config.runtime.num_threads)
@@ -123,8 +128,27 @@ def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
     if empty:
         raise ConfigError(f"clients {empty[:10]} have no training examples; lower "
                           f"federation.num_clients or raise data.partition.min_size")
+    probe = probe_batch(config, data, bundle, device)
+    speed, loss_fn, autocast_dtype = prepare_fast_path(bundle, config.runtime, device, probe)
     return Workload(bundle=bundle, data=data, client=algorithm.client, config=config,
-                    device=device, autocast_dtype=resolve_autocast(config.runtime, device))
+                    device=device, autocast_dtype=autocast_dtype, loss_fn=loss_fn, speed=speed)
+
+
+def probe_batch(config: RunConfig, data: Any, bundle: Any,
+                device: torch.device) -> dict[str, torch.Tensor] | None:
+    """One training batch of the first client, as local training will see it (packed when
+    packing is on); the fast path measures and checks on it."""
+    from fedfm.data import collate
+    from fedfm.data.packing import pack_examples
+
+    examples = data.clients[0].train
+    local = config.algorithm.local
+    if local.packing and bundle.task == "causal_lm":
+        examples = pack_examples(examples, config.model.max_length)
+    pad = bundle.tokenizer.pad_token_id
+    batch = collate(examples[: local.batch_size], pad_token_id=int(pad if pad is not None else 0),
+                    task=bundle.task)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def build_runtime(config: RunConfig, workload: Any, store: ClientStore) -> Runtime:
@@ -269,6 +293,7 @@ def build_summary(config: RunConfig, run_dir: RunDirectory, final: LoopSnapshot,
         "bytes_up": int(final.totals.get("bytes_up", 0)),
         "bytes_down": int(final.totals.get("bytes_down", 0)),
         "final_metrics": final_metrics,
+        "speed": workload.speed.as_dict(),
         "final_state": str(run_dir.final_dir / "global.safetensors"),
         "run_dir": str(run_dir.path),
     }

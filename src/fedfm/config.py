@@ -166,7 +166,10 @@ class LocalTrainingConfig(_Section):
     warmup_steps: int = Field(default=0, ge=0)
     max_grad_norm: float | None = Field(default=None, gt=0)
     # Batches of similar-length examples (less padding, faster on short mixed-length text).
-    group_by_length: bool = False
+    group_by_length: bool = True
+    # Causal LM only: pack several examples into each row of model.max_length tokens, each
+    # attending only to itself (position ids restart per example); batch_size counts rows.
+    packing: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -219,12 +222,19 @@ class AlgorithmConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    """Where it runs. ``device: auto`` picks CUDA when present; bf16 autocast is used on CUDA
-    when ``precision`` is ``auto`` or ``bf16``."""
+    """Where it runs and how fast. ``device: auto`` picks CUDA when present. ``precision``:
+    ``fp32``; ``bf16`` (frozen base weights stored in bf16 once, trainable parameters and
+    optimizer state in fp32, bf16 autocast); ``auto`` is bf16 on CUDA and fp32 on CPU.
+    ``attention: auto`` times each implementation the model supports on a real batch and keeps
+    the fastest. ``fused_loss`` computes causal-LM losses chunk by chunk without full-vocabulary
+    logits. ``compile`` wraps the model's backbone in ``torch.compile`` once per process."""
 
     kind: str = "local"  # checked against the runtime registry when the run is built
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    attention: Literal["auto", "eager", "sdpa"] = "auto"
+    fused_loss: bool = True
+    compile: bool = False
     num_threads: int | None = Field(default=None, ge=1)
     # Where per-client state (SCAFFOLD controls, ...) lives between rounds.
     client_store: Literal["memory", "disk"] = "memory"

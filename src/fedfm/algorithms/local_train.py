@@ -22,6 +22,7 @@ import torch
 
 from fedfm.config import LocalTrainingConfig
 from fedfm.core.algorithm import ClientContext
+from fedfm.data.packing import pack_examples
 
 NamedParams = list[tuple[str, torch.nn.Parameter]]
 GradHook = Callable[[NamedParams], None]
@@ -34,10 +35,14 @@ class LocalTrainingResult:
     mean_loss: float
     lr_sum: float  # sum of the learning rates actually applied (SCAFFOLD's K * lr)
     final_lr: float
+    useful_tokens: int = 0  # real (non-padding) tokens fed to the model
+    processed_tokens: int = 0  # tokens the model computed on, padding included
 
     def metrics(self) -> dict[str, float]:
         return {"train_loss": self.mean_loss, "steps": float(self.steps),
-                "examples_seen": float(self.examples_seen)}
+                "examples_seen": float(self.examples_seen),
+                "useful_tokens": float(self.useful_tokens),
+                "processed_tokens": float(self.processed_tokens)}
 
 
 def trainable_parameters(model: torch.nn.Module) -> NamedParams:
@@ -134,37 +139,57 @@ def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     return loss
 
 
+def training_examples(ctx: ClientContext, cfg: LocalTrainingConfig) -> list[dict[str, Any]]:
+    """The client's examples as batches will draw them: packed rows when ``cfg.packing``."""
+    examples = ctx.train_examples
+    if not cfg.packing:
+        return examples
+    if ctx.max_length is None:
+        raise ValueError("algorithm.local.packing needs the model's max_length")
+    if examples and "labels" in examples[0] and not isinstance(examples[0]["labels"], list):
+        raise ValueError("algorithm.local.packing applies to causal LM data only")
+    return pack_examples(examples, ctx.max_length)
+
+
 def train_locally(ctx: ClientContext, cfg: LocalTrainingConfig, *,
                   grad_hook: GradHook | None = None) -> LocalTrainingResult:
     """Run the configured local optimization on ``ctx.model`` in place."""
-    examples = ctx.train_examples
-    if not examples:
+    if not ctx.train_examples:
         raise ValueError(f"client {ctx.client_id} has no training examples")
+    examples = training_examples(ctx, cfg)
     named = trainable_parameters(ctx.model)
     params = [p for _, p in named]
     optimizer = build_optimizer(params, cfg)
     total_steps = num_optimizer_steps(cfg, len(examples))
     generator = torch.Generator().manual_seed(ctx.seed)
     torch.manual_seed(ctx.seed)  # dropout and any other stochastic layers
-    lengths = [len(ex["input_ids"]) for ex in examples] if cfg.group_by_length else None
+    has_tokens = "input_ids" in examples[0]
+    lengths = ([len(ex["input_ids"]) for ex in examples]
+               if cfg.group_by_length and has_tokens else None)
     batches = batch_indices(len(examples), cfg.batch_size, total_steps * cfg.grad_accum,
                             generator, lengths)
     autocast = _autocast(ctx)
+    loss_fn = ctx.loss_fn or _forward_loss
     ctx.model.train()
     loss_sum, loss_count, examples_seen, lr_sum, lr = 0.0, 0, 0, 0.0, cfg.lr
+    useful_tokens, processed_tokens = 0, 0
     for step in range(total_steps):
         lr = cfg.lr * lr_factor(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(cfg.grad_accum):
             chunk = next(batches)
-            batch = _to_device(ctx.collate([examples[i] for i in chunk]), ctx.device)
+            rows = [examples[i] for i in chunk]
+            batch = _to_device(ctx.collate(rows), ctx.device)
             with autocast:
-                loss = _forward_loss(ctx.model, batch)
+                loss = loss_fn(ctx.model, batch)
             (loss / cfg.grad_accum).backward()
             loss_sum += float(loss.detach())
             loss_count += 1
-            examples_seen += len(chunk)
+            examples_seen += sum(int(row.get("num_examples", 1)) for row in rows)
+            if has_tokens:
+                useful_tokens += sum(len(row["input_ids"]) for row in rows)
+                processed_tokens += batch["input_ids"].numel()
         if grad_hook is not None:
             grad_hook(named)
         if cfg.max_grad_norm is not None:
@@ -174,7 +199,8 @@ def train_locally(ctx: ClientContext, cfg: LocalTrainingConfig, *,
         lr_sum += lr
     return LocalTrainingResult(steps=total_steps, examples_seen=examples_seen,
                                mean_loss=loss_sum / max(loss_count, 1), lr_sum=lr_sum,
-                               final_lr=lr)
+                               final_lr=lr, useful_tokens=useful_tokens,
+                               processed_tokens=processed_tokens)
 
 
 def _autocast(ctx: ClientContext) -> Any:

@@ -44,6 +44,10 @@ class ClientContext:
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     client_state: ClientState | None = None
+    # training loss of a batch (None: ``model(**batch).loss``); the fast path's fused loss
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None
+    # causal LM packing capacity in tokens (``model.max_length``); None: no packing possible
+    max_length: int | None = None
 
 
 @dataclass

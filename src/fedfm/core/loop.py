@@ -259,6 +259,10 @@ class RoundLoop:
         train_loss = _weighted_metric(updates, "train_loss")
         if train_loss is not None:
             record["train_loss"] = train_loss
+        processed = sum(u.metrics.get("processed_tokens", 0.0) for u in updates)
+        if processed > 0:
+            useful = sum(u.metrics.get("useful_tokens", 0.0) for u in updates)
+            record["padding_efficiency"] = useful / processed
         if updates:
             record["update_norm"] = state_ops.global_norm(
                 state_ops.weighted_mean([u.payload for u in updates],

@@ -294,6 +294,17 @@ def _pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
+def _collate_packed(rows: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows (``data.packing``): no attention mask (the model derives a block-diagonal one
+    from the position ids); the padded tail is a block of its own with positions from 0."""
+    width = max(len(r["input_ids"]) for r in rows)
+    positions = [list(r["position_ids"]) + list(range(width - len(r["position_ids"])))
+                 for r in rows]
+    return {"input_ids": _pad([r["input_ids"] for r in rows], pad_token_id),
+            "position_ids": _pad(positions, 0),
+            "labels": _pad([r["labels"] for r in rows], IGNORE_INDEX)}
+
+
 def _pad_lm(examples: Sequence[dict[str, Any]], prefix: str, pad_token_id: int
             ) -> dict[str, torch.Tensor]:
     ids = [e[f"{prefix}input_ids"] for e in examples]
@@ -317,6 +328,8 @@ def collate(examples: list[dict[str, Any]], *, pad_token_id: int, task: str
         return {**_pad_lm(examples, "chosen_", pad_token_id),
                 **_pad_lm(examples, "rejected_", pad_token_id)}
     ids = [e["input_ids"] for e in examples]
+    if "position_ids" in examples[0]:
+        return _collate_packed(examples, pad_token_id)
     batch = {"input_ids": _pad(ids, pad_token_id),
              "attention_mask": _pad([[1] * len(s) for s in ids], 0)}
     if "token_type_ids" in examples[0]:

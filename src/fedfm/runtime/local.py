@@ -43,6 +43,8 @@ class LocalRuntime:
             device=workload.device,
             autocast_dtype=workload.autocast_dtype,
             client_state=self.client_store.get(client_id),
+            loss_fn=workload.loss_fn,
+            max_length=workload.config.model.max_length,
         )
 
     def run_clients(self, client_ids: list[int], broadcast: Broadcast,

@@ -8,7 +8,7 @@ actor) and runs many clients through it by swapping the small communicated ``Sta
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -21,6 +21,7 @@ from fedfm.core.state import State
 from fedfm.data import FederatedData, collate
 from fedfm.eval import evaluate_examples, generate_rouge
 from fedfm.models import ModelBundle, get_state, set_state
+from fedfm.runtime.fast import LossFn, SpeedPlan, standard_loss
 
 
 def resolve_device(cfg: RuntimeConfig) -> torch.device:
@@ -32,17 +33,6 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def resolve_autocast(cfg: RuntimeConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA unless fp32 is asked for; on CPU only when bf16 is asked for."""
-    if cfg.precision == "fp32":
-        return None
-    if cfg.precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 @dataclass
 class Workload:
     bundle: ModelBundle
@@ -51,6 +41,8 @@ class Workload:
     config: RunConfig
     device: torch.device
     autocast_dtype: torch.dtype | None
+    loss_fn: LossFn = standard_loss
+    speed: SpeedPlan = field(default_factory=SpeedPlan)
 
     @property
     def model(self) -> torch.nn.Module:
