@@ -26,14 +26,20 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 256
 
 
+def _accumulate_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """Softmax and sums run in fp32 (fp64 when computing in fp64)."""
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
 def _chunk_loss_and_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                          compute_dtype: torch.dtype, want_grad: bool
                          ) -> tuple[Tensor, Tensor | None]:
-    """Summed cross-entropy of one chunk and d(sum)/d(logits) (fp32), without keeping logits.
-    ``weight`` is already in ``compute_dtype``."""
-    logits = (hidden.to(compute_dtype) @ weight.T).float()
+    """Summed cross-entropy of one chunk and d(sum)/d(logits), without keeping logits.
+    ``weight`` is already in ``compute_dtype``; the logits buffer is fp32 (fp64 for fp64)."""
+    accumulate = _accumulate_dtype(compute_dtype)
+    logits = (hidden.to(compute_dtype) @ weight.T).to(accumulate)
     if bias is not None:
-        logits += bias.float()
+        logits += bias.to(accumulate)
     log_norm = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, targets[:, None]).squeeze(1)
     loss_sum = (log_norm - picked).sum()
@@ -56,12 +62,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         want_weight = weight.requires_grad
         want_bias = bias is not None and bias.requires_grad
         want_grad = want_hidden or want_weight or want_bias
+        accumulate = _accumulate_dtype(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32,
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate,
                                   device=weight.device) if want_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32,
+        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate,
                                 device=weight.device) if want_bias else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=accumulate, device=hidden.device)
         weight_c = weight.to(compute_dtype)
         for start in range(0, count, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
@@ -74,7 +81,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[rows] = (dlogits_c @ weight_c).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (dlogits_c.T @ hidden[rows].to(compute_dtype)).float()
+                grad_weight += (dlogits_c.T @ hidden[rows].to(compute_dtype)).to(accumulate)
             if grad_bias is not None:
                 grad_bias += dlogits.sum(0)
         scale = 1.0 / max(count, 1)
@@ -152,7 +159,8 @@ class CausalLMLoss:
             raise ValueError("the fused loss needs a causal LM with a linear output layer")
         backbone, head = parts
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        hidden = backbone(**inputs).last_hidden_state
+        # no KV cache in training (and Hugging Face derives packed rows' masks only without one)
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state
         labels = batch["labels"]
         shifted = labels[:, 1:]
         return fused_linear_cross_entropy(

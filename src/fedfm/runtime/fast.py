@@ -42,8 +42,13 @@ _FUSED_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def standard_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own loss (``model(**batch).loss``)."""
-    outputs = model(**batch)
+    """The model's own loss (``model(**batch).loss``). Packed rows (``position_ids`` without an
+    attention mask) run without a KV cache: Hugging Face only derives the per-example mask
+    then."""
+    if "position_ids" in batch and "attention_mask" not in batch:
+        outputs = model(**batch, use_cache=False)
+    else:
+        outputs = model(**batch)
     loss = outputs.loss if hasattr(outputs, "loss") else outputs["loss"]
     if loss is None:
         raise RuntimeError("the model returned no loss; batches must carry `labels`")
