@@ -25,8 +25,9 @@ class StateMismatchError(ValueError):
 
 
 def check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
-                     what: str = "state") -> None:
-    """Raise ``StateMismatchError`` naming the first differing key, shape or dtype."""
+                     what: str = "state", *, check_dtype: bool = True) -> None:
+    """Raise ``StateMismatchError`` naming the first differing key, shape or (with
+    ``check_dtype``) dtype."""
     missing = [k for k in reference if k not in other]
     extra = [k for k in other if k not in reference]
     if missing or extra:
@@ -42,7 +43,7 @@ def check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, 
             raise StateMismatchError(
                 f"{what}: {key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
             )
-        if got.dtype != ref.dtype:
+        if check_dtype and got.dtype != ref.dtype:
             raise StateMismatchError(f"{what}: {key} has dtype {got.dtype}, expected {ref.dtype}")
 
 

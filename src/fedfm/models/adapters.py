@@ -42,7 +42,7 @@ from peft import (
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 from fedfm.config import AdapterConfig
-from fedfm.core.state import State, StateMismatchError
+from fedfm.core.state import State, check_compatible
 from fedfm.models.loader import ModelBundle, seeded
 
 PEFT_KINDS = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
@@ -294,20 +294,8 @@ def set_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None
     cast to the parameter's dtype.
     """
     params = OrderedDict(_trainable(model))
-    missing = [key for key in params if key not in state]
-    unexpected = [key for key in state if key not in params]
-    if missing or unexpected:
-        raise StateMismatchError(
-            f"set_state: keys differ from the model's trainable parameters "
-            f"(missing {_preview(missing)}, unexpected {_preview(unexpected)})"
-        )
-    for name, param in params.items():
-        value = state[name]
-        if not isinstance(value, torch.Tensor):
-            raise StateMismatchError(f"set_state: {name} is {type(value).__name__}, not a tensor")
-        if value.shape != param.shape:
-            raise StateMismatchError(f"set_state: {name} has shape {tuple(value.shape)}, the "
-                                     f"model's parameter has {tuple(param.shape)}")
+    # values are cast to each parameter's dtype, so only keys and shapes must agree
+    check_compatible(params, state, "set_state", check_dtype=False)
     with torch.no_grad():
         for name, param in params.items():
             param.data.copy_(state[name])
@@ -321,11 +309,6 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += param.numel()
     return trainable, total
-
-
-def _preview(keys: list[str], limit: int = 3) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}]"
 
 
 def _first_line(exc: BaseException) -> str:
