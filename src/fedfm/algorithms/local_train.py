@@ -23,6 +23,7 @@ import torch
 from fedfm.config import LocalTrainingConfig
 from fedfm.core.algorithm import ClientContext
 from fedfm.data.packing import pack_examples
+from fedfm.models.fused_loss import standard_loss
 
 NamedParams = list[tuple[str, torch.nn.Parameter]]
 GradHook = Callable[[NamedParams], None]
@@ -131,14 +132,6 @@ def lr_factor(step: int, total_steps: int, cfg: LocalTrainingConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    outputs = model(**batch)
-    loss = outputs.loss if hasattr(outputs, "loss") else outputs["loss"]
-    if loss is None:
-        raise RuntimeError("the model returned no loss; batches must carry `labels`")
-    return loss
-
-
 def training_examples(ctx: ClientContext, cfg: LocalTrainingConfig) -> list[dict[str, Any]]:
     """The client's examples as batches will draw them: packed rows when ``cfg.packing``."""
     examples = ctx.train_examples
@@ -169,7 +162,7 @@ def train_locally(ctx: ClientContext, cfg: LocalTrainingConfig, *,
     batches = batch_indices(len(examples), cfg.batch_size, total_steps * cfg.grad_accum,
                             generator, lengths)
     autocast = _autocast(ctx)
-    loss_fn = ctx.loss_fn or _forward_loss
+    loss_fn = ctx.loss_fn or standard_loss
     ctx.model.train()
     loss_sum, loss_count, examples_seen, lr_sum, lr = 0.0, 0, 0, 0.0, cfg.lr
     useful_tokens, processed_tokens = 0, 0

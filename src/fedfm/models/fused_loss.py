@@ -121,6 +121,20 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | No
                                           chunk_tokens, dtype)
 
 
+def standard_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss (``model(**batch).loss``). Packed rows (``position_ids`` without an
+    attention mask) run without a KV cache: Hugging Face only derives the per-example mask
+    then."""
+    if "position_ids" in batch and "attention_mask" not in batch:
+        outputs = model(**batch, use_cache=False)
+    else:
+        outputs = model(**batch)
+    loss = outputs.loss if hasattr(outputs, "loss") else outputs["loss"]
+    if loss is None:
+        raise RuntimeError("the model returned no loss; batches must carry `labels`")
+    return loss
+
+
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)

@@ -32,27 +32,13 @@ import torch
 
 from fedfm.config import ConfigError, RuntimeConfig
 from fedfm.models import ModelBundle
-from fedfm.models.fused_loss import CausalLMLoss
+from fedfm.models.fused_loss import CausalLMLoss, standard_loss
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 ATTENTION_CANDIDATES = ("sdpa", "eager")
 _FUSED_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-
-
-def standard_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own loss (``model(**batch).loss``). Packed rows (``position_ids`` without an
-    attention mask) run without a KV cache: Hugging Face only derives the per-example mask
-    then."""
-    if "position_ids" in batch and "attention_mask" not in batch:
-        outputs = model(**batch, use_cache=False)
-    else:
-        outputs = model(**batch)
-    loss = outputs.loss if hasattr(outputs, "loss") else outputs["loss"]
-    if loss is None:
-        raise RuntimeError("the model returned no loss; batches must carry `labels`")
-    return loss
 
 
 @dataclass
