@@ -61,18 +61,56 @@ def test_registry_lists_known_names_on_unknown() -> None:
         registry.register("alpha")(2)
 
 
-@pytest.mark.parametrize("kind", ["memory", "disk"])
+def _make_store(kind: str, directory) -> store_ops.ClientStore:
+    if kind == "memory":
+        return store_ops.MemoryClientStore()
+    if kind == "disk":
+        return store_ops.DiskClientStore(directory)
+    return store_ops.TieredClientStore(directory, memory_bytes=30)  # room for two 12-byte states
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk", "tiered"])
 def test_client_store_round_trip(kind: str, tmp_path) -> None:
-    store = (store_ops.MemoryClientStore() if kind == "memory"
-             else store_ops.DiskClientStore(tmp_path / "clients"))
+    store = _make_store(kind, tmp_path / "clients")
     store.put(3, {"control": _state(1, 2, 3)})
     store.put(1, {"control": _state(4, 5, 6), "residual": _state(7, 8, 9)})
-    flat = store_ops.export_store(store)
-    other = store_ops.MemoryClientStore()
-    store_ops.import_store(other, flat)
-    assert other.client_ids() == [1, 3]
+    saved = store_ops.save_store(store, tmp_path / "saved")
+    other = _make_store(kind, tmp_path / "other")
+    store_ops.load_store(other, tmp_path / "saved")
+    assert saved == 2 and other.client_ids() == [1, 3]
     assert S.equal(other.get(1)["residual"], _state(7, 8, 9))
+    assert S.equal(other.get(3)["control"], _state(1, 2, 3))
     assert store.get(0) is None
+
+
+def test_tiered_store_keeps_recent_states_in_memory_within_its_budget(tmp_path) -> None:
+    store = store_ops.TieredClientStore(tmp_path / "clients", memory_bytes=30)
+    for client_id in range(5):  # 12 bytes each: two fit
+        store.put(client_id, {"control": _state(client_id, 0, 0)})
+    assert store.in_memory() == [3, 4] and store.bytes_in_memory == 24
+    assert store.disk.client_ids() == [0, 1, 2]
+    assert store.client_ids() == [0, 1, 2, 3, 4]
+    store.get(3)  # most recently used now
+    store.put(1, {"control": _state(10, 0, 0)})  # back from disk: evicts client 4
+    assert store.in_memory() == [3, 1] and store.disk.client_ids() == [0, 2, 4]
+    for client_id, first in ((0, 0), (1, 10), (2, 2), (4, 4)):
+        assert S.equal(store.get(client_id)["control"], _state(first, 0, 0))
+    big = {"control": _state(1, 2, 3), "residual": _state(4, 5, 6), "more": _state(7, 8, 9)}
+    store.put(7, big)  # larger than the whole budget: straight to disk
+    assert 7 not in store.in_memory() and store.disk.path_of(7) is not None
+
+
+def test_checkpoints_hard_link_states_already_on_disk(tmp_path) -> None:
+    store = store_ops.TieredClientStore(tmp_path / "clients", memory_bytes=0)
+    store.put(5, {"control": _state(1, 2, 3)})
+    manager = CheckpointManager(tmp_path / "ckpt", client_store=store)
+    path = manager.save(LoopSnapshot(1, _state(0, 0, 0), {}, {}))
+    saved = path / "client_states" / "client_5.safetensors"
+    assert saved.stat().st_ino == store.path_of(5).stat().st_ino
+    store.put(5, {"control": _state(9, 9, 9)})  # replaced atomically: the checkpoint keeps 1,2,3
+    restored = store_ops.MemoryClientStore()
+    store_ops.load_store(restored, load_checkpoint(path).client_states_dir)
+    assert S.equal(restored.get(5)["control"], _state(1, 2, 3))
 
 
 def test_checkpoint_round_trip_and_latest(tmp_path) -> None:
@@ -90,7 +128,9 @@ def test_checkpoint_round_trip_and_latest(tmp_path) -> None:
     assert checkpoint.snapshot.round == 5
     assert S.equal(checkpoint.snapshot.global_state, _state(5, 0, 0))
     assert S.equal(checkpoint.snapshot.server_state["optimizer.m"], _state(0, 1, 2))
-    assert checkpoint.client_states["2/control::a"].tolist() == [1.0, 1.0]
+    restored = store_ops.MemoryClientStore()
+    store_ops.load_store(restored, checkpoint.client_states_dir)
+    assert restored.get(2)["control"]["a"].tolist() == [1.0, 1.0]
 
 
 def test_sampling_and_dropouts_are_seeded_and_sized() -> None:

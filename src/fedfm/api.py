@@ -24,7 +24,12 @@ from fedfm.core.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
-from fedfm.core.client_store import ClientStore, DiskClientStore, MemoryClientStore
+from fedfm.core.client_store import (
+    ClientStore,
+    DiskClientStore,
+    MemoryClientStore,
+    TieredClientStore,
+)
 from fedfm.core.loop import LoopSettings, LoopSnapshot, RoundLoop, Runtime
 from fedfm.core.registries import ALGORITHMS, RUNTIMES, SERVER_OPTIMIZERS
 from fedfm.core.state import State
@@ -98,11 +103,15 @@ def build_algorithm(config: RunConfig) -> Algorithm:
 
 
 def build_client_store(config: RunConfig, run_dir: Path | None) -> ClientStore:
-    if config.runtime.client_store == "disk":
-        if run_dir is None:
-            raise ConfigError("runtime.client_store='disk' needs a run directory")
+    kind = config.runtime.client_store
+    if kind == "memory":
+        return MemoryClientStore()
+    if run_dir is None:
+        raise ConfigError(f"runtime.client_store={kind!r} needs a run directory")
+    if kind == "disk":
         return DiskClientStore(run_dir / "client_states")
-    return MemoryClientStore()
+    budget = int(config.runtime.client_store_memory_mb * 2**20)
+    return TieredClientStore(run_dir / "client_states", budget)
 
 
 def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
@@ -215,7 +224,7 @@ def _restore(run_dir: RunDirectory, algorithm: Algorithm, store: ClientStore,
     state_ops.check_compatible(initial.global_state, checkpoint.snapshot.global_state,
                                what=f"checkpoint {checkpoint_path}")
     algorithm.server.load_state_dict(checkpoint.snapshot.server_state)
-    store_ops.import_store(store, checkpoint.client_states)
+    store_ops.load_store(store, checkpoint.client_states_dir)
     restore_rng(checkpoint.rng_tensors, checkpoint.rng_meta)
     run_dir.truncate_metrics(checkpoint.snapshot.round)
     return checkpoint.snapshot

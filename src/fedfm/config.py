@@ -227,7 +227,8 @@ class RuntimeConfig(_Section):
     optimizer state in fp32, bf16 autocast); ``auto`` is bf16 on CUDA and fp32 on CPU.
     ``attention: auto`` times each implementation the model supports on a real batch and keeps
     the fastest. ``fused_loss`` computes causal-LM losses chunk by chunk without full-vocabulary
-    logits. ``compile`` wraps the model's backbone in ``torch.compile`` once per process."""
+    logits. ``compile`` wraps the model's backbone in ``torch.compile`` once per process.
+    ``prefix_cache`` computes a frozen bottom's output once per example and replays it."""
 
     kind: str = "local"  # checked against the runtime registry when the run is built
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -235,9 +236,25 @@ class RuntimeConfig(_Section):
     attention: Literal["auto", "eager", "sdpa"] = "auto"
     fused_loss: bool = True
     compile: bool = False
+    # Frozen-prefix caching (head-only / top-layer tuning): auto = on when the bottom blocks are
+    # frozen and a probe batch agrees with recomputation; entries beyond the memory budget go
+    # to a file in prefix_cache_dir (default: the system temp dir).
+    prefix_cache: Literal["auto", "on", "off"] = "auto"
+    prefix_cache_memory_mb: float = Field(default=2048.0, ge=0.0)
+    prefix_cache_dir: str | None = None
     num_threads: int | None = Field(default=None, ge=1)
-    # Where per-client state (SCAFFOLD controls, ...) lives between rounds.
-    client_store: Literal["memory", "disk"] = "memory"
+    # Where per-client state (SCAFFOLD controls, ...) lives between rounds: tiered keeps the
+    # most recently used states in memory up to client_store_memory_mb, the rest on disk.
+    client_store: Literal["tiered", "memory", "disk"] = "tiered"
+    client_store_memory_mb: float = Field(default=512.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _cache_or_compile(self) -> RuntimeConfig:
+        if self.prefix_cache == "on" and self.compile:
+            raise ValueError("prefix_cache: 'on' cannot be combined with compile: true (the "
+                             "cache swaps the block list per call, which defeats the compiled "
+                             "graph); use one of them")
+        return self
 
 
 class GenerationEvalConfig(_Section):

@@ -2,7 +2,8 @@
 
 ``<dir>/round_0003/`` holds ``global.safetensors`` (the global State, loadable on its own),
 ``server_state.safetensors`` (server optimizer moments, control variates; keys
-``<name>::<param>``), ``client_states.safetensors`` (the per-client store), ``rng.safetensors``
+``<name>::<param>``), ``client_states/client_<id>.safetensors`` (the per-client store, written
+client by client), ``rng.safetensors``
 plus ``meta.json`` (round, totals, Python/NumPy RNG states). ``<dir>/LATEST`` names the newest
 complete checkpoint; a checkpoint directory only appears once fully written.
 """
@@ -28,6 +29,7 @@ from fedfm.core.loop import LoopSnapshot
 from fedfm.core.state import State
 
 GLOBAL_FILE = "global.safetensors"
+CLIENT_STATES_DIR = "client_states"
 
 
 class CheckpointError(RuntimeError):
@@ -83,7 +85,7 @@ def _jsonable(value: Any) -> Any:
 @dataclass
 class Checkpoint:
     snapshot: LoopSnapshot
-    client_states: State
+    client_states_dir: Path  # per-client files; load with ``client_store.load_store``
     rng_tensors: State
     rng_meta: dict[str, Any]
 
@@ -114,8 +116,7 @@ class CheckpointManager:
                 server_flat[f"{name}::{key}"] = tensor
         _save_states(staging / "server_state.safetensors", server_flat)
         if self.client_store is not None:
-            _save_states(staging / "client_states.safetensors",
-                         store_ops.export_store(self.client_store))
+            store_ops.save_store(self.client_store, staging / CLIENT_STATES_DIR)
         rng_tensors, rng_meta = capture_rng()
         _save_states(staging / "rng.safetensors", rng_tensors)
         meta = {"round": snapshot.round, "totals": snapshot.totals, "rng": rng_meta}
@@ -169,7 +170,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
     return Checkpoint(
         snapshot=snapshot,
-        client_states=_load_states(path / "client_states.safetensors"),
+        client_states_dir=path / CLIENT_STATES_DIR,
         rng_tensors=_load_states(path / "rng.safetensors"),
         rng_meta=meta.get("rng", {}),
     )

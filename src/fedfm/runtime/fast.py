@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 from fedfm.config import ConfigError, RuntimeConfig
 from fedfm.models import ModelBundle
 from fedfm.models.fused_loss import CausalLMLoss, standard_loss
+from fedfm.runtime.prefix_cache import PrefixCache, build_prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,16 @@ class SpeedPlan:
     fused_loss: bool = False
     fused_loss_note: str = ""
     compiled: bool = False
+    prefix_cache: bool = False
+    prefix_cache_note: str = ""
+    cache: PrefixCache | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cache"}
+        plain["attention_ms"] = dict(self.attention_ms)
+        if self.cache is not None:
+            plain["prefix_cache_stats"] = self.cache.describe()
+        return plain
 
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -258,10 +266,38 @@ def prepare_fast_path(bundle: ModelBundle, cfg: RuntimeConfig, device: torch.dev
         plan.attention, plan.attention_source = cfg.attention, "config"
     else:
         plan.attention = _current_attention(model)
+    loss_fn = _prefix_cache(model, cfg, plan, probe_batch, loss_fn, autocast,
+                            autocast_dtype or torch.float32)
     if cfg.compile:
         _compile(model, plan.fused_loss)
         plan.compiled = True
     return plan, loss_fn, autocast_dtype
+
+
+def _prefix_cache(model: torch.nn.Module, cfg: RuntimeConfig, plan: SpeedPlan,
+                  probe_batch: dict[str, torch.Tensor] | None, loss_fn: LossFn, autocast: Any,
+                  dtype: torch.dtype) -> LossFn:
+    """Wrap ``loss_fn`` with a checked frozen-prefix cache when the config allows one."""
+    if cfg.prefix_cache == "off":
+        plan.prefix_cache_note = "off (config)"
+        return loss_fn
+    if cfg.compile:
+        plan.prefix_cache_note = "off: runtime.compile is on"
+        return loss_fn
+    if probe_batch is None:
+        plan.prefix_cache_note = "off: no probe batch to check it on"
+        return loss_fn
+    cache, plan.prefix_cache_note = build_prefix_cache(
+        model, probe_batch, loss_fn, autocast, _FUSED_TOLERANCE.get(dtype, 1e-4),
+        memory_mb=cfg.prefix_cache_memory_mb, spill_dir=cfg.prefix_cache_dir)
+    if cache is None:
+        if cfg.prefix_cache == "on":
+            raise ConfigError(f"invalid config: runtime.prefix_cache: 'on' but this model and "
+                              f"adapter have no cacheable frozen prefix: "
+                              f"{plan.prefix_cache_note}")
+        return loss_fn
+    plan.prefix_cache, plan.cache = True, cache
+    return cache.wrap(loss_fn)
 
 
 def _compile(model: torch.nn.Module, fused: bool) -> None:

@@ -8,6 +8,7 @@ actor) and runs many clients through it by swapping the small communicated ``Sta
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -85,10 +86,12 @@ class Workload:
         # Every metric here is order-free (token- or example-weighted over the whole set), so
         # batching by length only removes padding work.
         by_length = sorted(examples, key=lambda ex: len(ex["input_ids"]))
-        return evaluate_examples(
-            self.model, by_length, task=self.bundle.task, collate_fn=self.collate_fn(),
-            batch_size=eval_cfg.batch_size, device=self.device,
-            autocast_dtype=self.autocast_dtype, num_labels=self.bundle.num_labels)
+        cache = self.speed.cache
+        with cache.enabled() if cache is not None else nullcontext():
+            return evaluate_examples(
+                self.model, by_length, task=self.bundle.task, collate_fn=self.collate_fn(),
+                batch_size=eval_cfg.batch_size, device=self.device,
+                autocast_dtype=self.autocast_dtype, num_labels=self.bundle.num_labels)
 
     def _generation_metrics(self, examples: list[dict[str, Any]], eval_cfg: EvalConfig
                             ) -> dict[str, float]:
