@@ -231,6 +231,7 @@ class RuntimeConfig(_Section):
     ``prefix_cache`` computes a frozen bottom's output once per example and replays it."""
 
     kind: str = "local"  # checked against the runtime registry when the run is built
+    clients_per_pass: int = Field(default=8, ge=1)  # batched: clients in one forward/backward
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     attention: Literal["auto", "eager", "sdpa"] = "auto"

@@ -26,7 +26,9 @@ from fedfm.core.update import Broadcast, ClientUpdate
 
 
 class DeltaClient:
-    """Train locally, send ``local - global``. Subclasses add a gradient hook."""
+    """Train locally, send ``local - global``. Subclasses add a gradient hook (``grad_hook``)
+    and may build a different result from the trained State (``finish``); the ``batched``
+    runtime calls these two halves around its own lockstep training of many clients."""
 
     def __init__(self, local: LocalTrainingConfig) -> None:
         self.local = local
@@ -38,7 +40,10 @@ class DeltaClient:
         return train_locally(ctx, self.local, grad_hook=self.grad_hook(ctx, broadcast))
 
     def run(self, ctx: ClientContext, broadcast: Broadcast) -> ClientResult:
-        result = self.train(ctx, broadcast)
+        return self.finish(ctx, broadcast, self.train(ctx, broadcast))
+
+    def finish(self, ctx: ClientContext, broadcast: Broadcast,
+               result: LocalTrainingResult) -> ClientResult:
         delta = state_ops.sub(ctx.get_state(), broadcast.global_state)
         update = ClientUpdate(client_id=ctx.client_id, payload=delta,
                               num_examples=len(ctx.train_examples), metrics=result.metrics())

@@ -144,56 +144,91 @@ def training_examples(ctx: ClientContext, cfg: LocalTrainingConfig) -> list[dict
     return pack_examples(examples, ctx.max_length)
 
 
+class LocalTrainer:
+    """One client's local optimization, step by step: the ``local`` runtime drives it alone
+    (``train_locally``), the ``batched`` runtime drives K of them in lockstep and computes
+    their losses in one joint forward/backward. Batches, optimizer, schedule, gradient hook
+    and clipping are this object's, so both runtimes train each client identically."""
+
+    def __init__(self, ctx: ClientContext, cfg: LocalTrainingConfig, named: NamedParams, *,
+                 grad_hook: GradHook | None = None) -> None:
+        if not ctx.train_examples:
+            raise ValueError(f"client {ctx.client_id} has no training examples")
+        self.ctx, self.cfg, self.named, self.grad_hook = ctx, cfg, named, grad_hook
+        self.examples = training_examples(ctx, cfg)
+        self.params = [p for _, p in named]
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.total_steps = num_optimizer_steps(cfg, len(self.examples))
+        generator = torch.Generator().manual_seed(ctx.seed)
+        self.has_tokens = "input_ids" in self.examples[0]
+        lengths = ([len(ex["input_ids"]) for ex in self.examples]
+                   if cfg.group_by_length and self.has_tokens else None)
+        self._batches = batch_indices(len(self.examples), cfg.batch_size,
+                                      self.total_steps * cfg.grad_accum, generator, lengths)
+        self.step = 0
+        self.lr = cfg.lr
+        self._loss_sum, self._loss_count, self._examples_seen, self._lr_sum = 0.0, 0, 0, 0.0
+        self._useful, self._processed = 0, 0
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def start_step(self) -> None:
+        self.lr = self.cfg.lr * lr_factor(self.step, self.total_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def next_rows(self) -> list[dict[str, Any]]:
+        """The next micro-batch's examples."""
+        return [self.examples[i] for i in next(self._batches)]
+
+    def record(self, loss: float, rows: list[dict[str, Any]], processed_tokens: int) -> None:
+        self._loss_sum += loss
+        self._loss_count += 1
+        self._examples_seen += sum(int(row.get("num_examples", 1)) for row in rows)
+        if self.has_tokens:
+            self._useful += sum(len(row["input_ids"]) for row in rows)
+            self._processed += processed_tokens
+
+    def finish_step(self) -> None:
+        """Gradient hook, clipping, optimizer step (gradients already accumulated)."""
+        if self.grad_hook is not None:
+            self.grad_hook(self.named)
+        if self.cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._lr_sum += self.lr
+        self.step += 1
+
+    def result(self) -> LocalTrainingResult:
+        return LocalTrainingResult(
+            steps=self.total_steps, examples_seen=self._examples_seen,
+            mean_loss=self._loss_sum / max(self._loss_count, 1), lr_sum=self._lr_sum,
+            final_lr=self.lr, useful_tokens=self._useful, processed_tokens=self._processed)
+
+
 def train_locally(ctx: ClientContext, cfg: LocalTrainingConfig, *,
                   grad_hook: GradHook | None = None) -> LocalTrainingResult:
     """Run the configured local optimization on ``ctx.model`` in place."""
-    if not ctx.train_examples:
-        raise ValueError(f"client {ctx.client_id} has no training examples")
-    examples = training_examples(ctx, cfg)
-    named = trainable_parameters(ctx.model)
-    params = [p for _, p in named]
-    optimizer = build_optimizer(params, cfg)
-    total_steps = num_optimizer_steps(cfg, len(examples))
-    generator = torch.Generator().manual_seed(ctx.seed)
+    trainer = LocalTrainer(ctx, cfg, trainable_parameters(ctx.model), grad_hook=grad_hook)
     torch.manual_seed(ctx.seed)  # dropout and any other stochastic layers
-    has_tokens = "input_ids" in examples[0]
-    lengths = ([len(ex["input_ids"]) for ex in examples]
-               if cfg.group_by_length and has_tokens else None)
-    batches = batch_indices(len(examples), cfg.batch_size, total_steps * cfg.grad_accum,
-                            generator, lengths)
     autocast = _autocast(ctx)
     loss_fn = ctx.loss_fn or standard_loss
     ctx.model.train()
-    loss_sum, loss_count, examples_seen, lr_sum, lr = 0.0, 0, 0, 0.0, cfg.lr
-    useful_tokens, processed_tokens = 0, 0
-    for step in range(total_steps):
-        lr = cfg.lr * lr_factor(step, total_steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    while not trainer.done:
+        trainer.start_step()
         for _ in range(cfg.grad_accum):
-            chunk = next(batches)
-            rows = [examples[i] for i in chunk]
+            rows = trainer.next_rows()
             batch = _to_device(ctx.collate(rows), ctx.device)
             with autocast:
                 loss = loss_fn(ctx.model, batch)
             (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach())
-            loss_count += 1
-            examples_seen += sum(int(row.get("num_examples", 1)) for row in rows)
-            if has_tokens:
-                useful_tokens += sum(len(row["input_ids"]) for row in rows)
-                processed_tokens += batch["input_ids"].numel()
-        if grad_hook is not None:
-            grad_hook(named)
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_sum += lr
-    return LocalTrainingResult(steps=total_steps, examples_seen=examples_seen,
-                               mean_loss=loss_sum / max(loss_count, 1), lr_sum=lr_sum,
-                               final_lr=lr, useful_tokens=useful_tokens,
-                               processed_tokens=processed_tokens)
+            trainer.record(float(loss.detach()), rows,
+                           batch["input_ids"].numel() if trainer.has_tokens else 0)
+        trainer.finish_step()
+    return trainer.result()
 
 
 def _autocast(ctx: ClientContext) -> Any:

@@ -18,7 +18,12 @@ from collections.abc import Mapping
 import torch
 
 from fedfm.algorithms.fedavg import DeltaClient, build_delta_server
-from fedfm.algorithms.local_train import GradHook, NamedParams, ensure_grads, train_locally
+from fedfm.algorithms.local_train import (
+    GradHook,
+    LocalTrainingResult,
+    NamedParams,
+    ensure_grads,
+)
 from fedfm.config import AlgorithmConfig
 from fedfm.core import state as state_ops
 from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
@@ -30,15 +35,23 @@ CONTROL = "control"
 CONTROL_DELTA = "control_delta"
 
 
+def _controls(ctx: ClientContext, broadcast: Broadcast) -> tuple[State, State]:
+    """(server control c, this client's control c_i; zeros before its first round)."""
+    client_control = (ctx.client_state or {}).get(CONTROL) or state_ops.zeros_like(
+        broadcast.global_state)
+    return broadcast.extras[CONTROL], client_control
+
+
 class ScaffoldClient(DeltaClient):
-    def run(self, ctx: ClientContext, broadcast: Broadcast) -> ClientResult:
+    def grad_hook(self, ctx: ClientContext, broadcast: Broadcast) -> GradHook | None:
+        server_control, client_control = _controls(ctx, broadcast)
+        return _corrector({k: (server_control[k] - client_control[k]).to(ctx.device)
+                           for k in broadcast.global_state})
+
+    def finish(self, ctx: ClientContext, broadcast: Broadcast,
+               result: LocalTrainingResult) -> ClientResult:
         global_state = broadcast.global_state
-        server_control = broadcast.extras[CONTROL]
-        client_control = (ctx.client_state or {}).get(CONTROL) or state_ops.zeros_like(
-            global_state)
-        correction = {k: (server_control[k] - client_control[k]).to(ctx.device)
-                      for k in global_state}
-        result = train_locally(ctx, self.local, grad_hook=_corrector(correction))
+        server_control, client_control = _controls(ctx, broadcast)
         local_state = ctx.get_state()
         delta = state_ops.sub(local_state, global_state)
         # c_i+ = c_i - c + (x - y_i) / (sum of applied learning rates)

@@ -1,6 +1,7 @@
 """Runtimes: where the client halves run. Importing this package registers them."""
 
-from fedfm.runtime import local
+from fedfm.runtime import batched, local
+from fedfm.runtime.batched import BatchedRuntime
 from fedfm.runtime.local import LocalRuntime
 
-__all__ = ["LocalRuntime", "local"]
+__all__ = ["BatchedRuntime", "LocalRuntime", "batched", "local"]

@@ -432,6 +432,9 @@ def check_prefix_cache(model: torch.nn.Module, batch: dict[str, torch.Tensor], l
         return False, f"the cached forward failed on a probe batch: {exc}"
     finally:
         model.train(was_training)
+    if cache.stats.bypassed_batches or not cache.stats.misses:
+        return False, ("the backbone is not called with token ids (e.g. prompt tuning passes "
+                       "embeddings), so there is nothing to cache")
     if abs(cached_loss - reference_loss) > tolerance * max(abs(reference_loss), 1e-12):
         return False, (f"loss with the cache {cached_loss:.6g} differs from {reference_loss:.6g} "
                        f"without it")
