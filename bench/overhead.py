@@ -96,7 +96,8 @@ def run_floor(workload: Workload, initial: dict, total_steps: int) -> float:
     return time.perf_counter() - start
 
 
-def run_fedfm(workload: Workload, initial: dict, rounds: int) -> float:
+def run_fedfm(workload: Workload, initial: dict, rounds: int,
+              runtime_cls: type = LocalRuntime) -> float:
     config = workload.config
     algorithm = build_fedavg(config.algorithm, NUM_CLIENTS)
     workload.client = algorithm.client
@@ -107,7 +108,7 @@ def run_fedfm(workload: Workload, initial: dict, rounds: int) -> float:
                                 sample_size=config.federation.sample_size(), rounds=rounds,
                                 eval_enabled=False)
         loop = RoundLoop(settings=settings, server=algorithm.server,
-                         runtime=LocalRuntime(workload, store),
+                         runtime=runtime_cls(workload, store),
                          observers=[MetricsFileSink(run_dir)],
                          checkpointer=CheckpointManager(run_dir.checkpoints, client_store=store),
                          client_store=store)

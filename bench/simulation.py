@@ -10,9 +10,11 @@ Variants:
   fast_fp32   fedfm `local`, fused chunked loss, attention chosen by measurement, fp32
   fast_bf16   the same with bf16 weight storage and autocast
   fast        the better of fast_fp32 / fast_bf16 on this machine (reported, not rerun)
+  batched     fedfm `batched` runtime (all 10 clients of a round in one pass), fused loss, fp32
+  batched_bf16  the same in bf16
+  flower      Flower's simulation (bench/flower_w1.py; needs the `bench` extra: flwr + Ray);
+              its peak memory is the summed RSS of its whole process tree (Ray's processes)
   fast_compile  fast_fp32 plus torch.compile (opt-in: --variants ...,fast_compile)
-
-Not yet measured here (reported as such): the `batched` runtime and Flower's simulation.
 
     python bench/simulation.py [--rounds 2] [--threads N] [--variants floor,local_fp32,...]
 """
@@ -20,6 +22,7 @@ Not yet measured here (reported as such): the `batched` runtime and Flower's sim
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import resource
@@ -37,13 +40,20 @@ from overhead import build_workload, run_fedfm, run_floor, w1_config  # noqa: E4
 
 from fedfm.api import probe_batch, seed_everything  # noqa: E402
 from fedfm.models import get_state  # noqa: E402
+from fedfm.runtime.batched import BatchedRuntime  # noqa: E402
 from fedfm.runtime.fast import prepare_fast_path  # noqa: E402
+from fedfm.runtime.local import LocalRuntime  # noqa: E402
 
-VARIANTS = ("floor", "local_fp32", "fast_fp32", "fast_bf16")
+VARIANTS = ("floor", "local_fp32", "fast_fp32", "fast_bf16", "batched", "batched_bf16",
+            "flower")
 RUNTIME = {
     "local_fp32": {"precision": "fp32", "fused_loss": False, "attention": "sdpa"},
     "fast_fp32": {"precision": "fp32", "fused_loss": True, "attention": "auto"},
     "fast_bf16": {"precision": "bf16", "fused_loss": True, "attention": "auto"},
+    "batched": {"precision": "fp32", "fused_loss": True, "attention": "auto",
+                "kind": "batched", "clients_per_pass": 10},
+    "batched_bf16": {"precision": "bf16", "fused_loss": True, "attention": "auto",
+                     "kind": "batched", "clients_per_pass": 10},
     # not in the default set: compilation takes over a minute on CPU, more than W1 saves
     "fast_compile": {"precision": "fp32", "fused_loss": True, "attention": "auto",
                      "compile": True},
@@ -76,7 +86,8 @@ def run_variant(variant: str, rounds: int) -> dict:
         run_floor(workload, initial, 5)  # warm-up
         seconds = run_floor(workload, initial, steps)
     else:
-        seconds = run_fedfm(workload, initial, rounds)
+        runtime_cls = BatchedRuntime if config.runtime.kind == "batched" else LocalRuntime
+        seconds = run_fedfm(workload, initial, rounds, runtime_cls)
     return {"variant": variant, "rounds": rounds, "optimizer_steps": steps,
             "wall_s": round(seconds, 3), "wall_per_round_s": round(seconds / rounds, 3),
             "peak_rss_mb": round(peak_rss_mb(), 1), "setup": setup}
@@ -84,6 +95,12 @@ def run_variant(variant: str, rounds: int) -> dict:
 
 def spawn(variant: str, rounds: int, threads: int | None) -> dict:
     command = [sys.executable, __file__, "--child", variant, "--rounds", str(rounds)]
+    if variant == "flower":
+        if importlib.util.find_spec("flwr") is None:
+            return {"variant": "flower", "status": "not measured",
+                    "why": "flwr is not installed (pip install -e '.[bench]')"}
+        command = [sys.executable, str(Path(__file__).with_name("flower_w1.py")),
+                   "--rounds", str(rounds)]
     if threads:
         command += ["--threads", str(threads)]
     with tempfile.TemporaryFile() as err:
@@ -125,10 +142,14 @@ def main() -> None:
         result.update(bench="simulation", workload="W1", torch=torch.__version__,
                       machine=platform.machine(), threads=args.threads or torch.get_num_threads())
         print(json.dumps(result))
-    for variant, why in (("batched", "the batched runtime is not built yet"),
-                         ("flower", "Flower's simulation is not wired into this bench yet")):
-        print(json.dumps({"bench": "simulation", "variant": variant, "status": "not measured",
-                          "why": why}))
+    fast_best = next((r for r in results if r["variant"] == "fast"), None)
+    flower = by_name.get("flower")
+    if fast_best is not None and flower is not None:
+        print(json.dumps({"bench": "simulation", "variant": "flower_vs_fast",
+                          "time_ratio": round(flower["wall_per_round_s"]
+                                              / fast_best["wall_per_round_s"], 3),
+                          "memory_ratio": round(flower["peak_rss_mb"]
+                                                / fast_best["peak_rss_mb"], 3)}))
     print(f"\n{'variant':<12}{'s/round':>10}{'x floor':>9}{'peak MB':>10}{'mem x':>8}",
           file=sys.stderr)
     for result in results:

@@ -253,3 +253,39 @@ def test_client_metrics_cannot_overwrite_the_record() -> None:
     update = ClientUpdate(0, _state(1.0, 0.0, 0.0), num_examples=1, metrics={"status": 1.0})
     _, record = _bad_update_round(update)
     assert record["status"] == "ok"
+
+
+def test_a_thousand_registered_clients_materialize_only_the_sampled_ones(tmp_path) -> None:
+    """1,000 clients, 20 a round: a client's state exists only once it was sampled, at most
+    the budget's worth stays in memory, and each checkpoint streams the store to files."""
+    seen: list[set[int]] = []
+
+    class Stateful:
+        def run_clients(self, client_ids, broadcast, round):
+            seen.append(set(client_ids))
+            for cid in client_ids:
+                update = ClientUpdate(cid, _state(1, 1, 1), num_examples=1)
+                yield ClientOutcome(cid, update, client_state={"control": _state(cid, 0, 0)})
+
+        def evaluate(self, global_state, *, round, per_client):
+            return EvalReport()
+
+        def close(self) -> None: ...
+
+    store = store_ops.TieredClientStore(tmp_path / "clients", memory_bytes=5 * 12)
+    manager = CheckpointManager(tmp_path / "ckpt", client_store=store, keep=1)
+    loop = RoundLoop(settings=LoopSettings(seed=3, num_clients=1000, sample_size=20, rounds=4,
+                                           eval_enabled=False),
+                     server=_MeanServer(), runtime=Stateful(), client_store=store,
+                     checkpointer=manager)
+    loop.run(LoopSnapshot(0, _state(0, 0, 0), {}, {}))
+    sampled = set().union(*seen)
+    assert all(len(ids) == 20 for ids in seen) and len(sampled) > 20
+    assert store.client_ids() == sorted(sampled)
+    assert len(store.in_memory()) == 5 and store.bytes_in_memory <= 5 * 12
+    files = list((latest_checkpoint(tmp_path / "ckpt") / "client_states").iterdir())
+    assert len(files) == len(sampled)
+    restored = store_ops.TieredClientStore(tmp_path / "restored", memory_bytes=5 * 12)
+    store_ops.load_store(restored, latest_checkpoint(tmp_path / "ckpt") / "client_states")
+    for cid in sampled:
+        assert S.equal(restored.get(cid)["control"], _state(cid, 0, 0))
