@@ -40,13 +40,16 @@ def _chunk_loss_and_grad(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     logits = (hidden.to(compute_dtype) @ weight.T).to(accumulate)
     if bias is not None:
         logits += bias.to(accumulate)
-    log_norm = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, targets[:, None]).squeeze(1)
-    loss_sum = (log_norm - picked).sum()
+    # one pass of exp, in place on the logits buffer: exp(z - max), its row sums, softmax
+    row_max = logits.amax(dim=-1)
+    logits.sub_(row_max[:, None]).exp_()
+    row_sum = logits.sum(dim=-1)
+    loss_sum = (row_sum.log() + row_max - picked).sum()
     if not want_grad:
         return loss_sum, None
-    # softmax - onehot, in place on the logits buffer
-    logits.sub_(log_norm[:, None]).exp_()
+    # softmax - onehot
+    logits.div_(row_sum[:, None])
     logits[torch.arange(len(targets), device=logits.device), targets] -= 1.0
     return loss_sum, logits
 
