@@ -159,3 +159,15 @@ def test_a_batched_run_end_to_end(tmp_path: Path) -> None:
     result = api.run(config, console=False)
     assert result.summary["rounds"] == 2
     assert all(r["completed"] == [0, 1, 2, 3] for r in result.metrics if "completed" in r)
+
+
+def test_lora_on_an_embedding_falls_back_to_local(tmp_path: Path) -> None:
+    config = lm_config(tmp_path, adapter={"kind": "lora", "r": 4, "alpha": 8,
+                                          "target_modules": ["q_proj", "embed_tokens"]})
+    algorithm = api.build_algorithm(config)
+    workload = api.build_workload(config, algorithm)
+    runtime = BatchedRuntime(workload, MemoryClientStore())
+    assert runtime.fallback is not None and "embed_tokens" in runtime.fallback
+    broadcast = Broadcast(global_state=workload.get_state(), extras={}, round=1)
+    outcomes = list(runtime.run_clients([0, 1], broadcast, 1))
+    assert [o.client_id for o in outcomes] == [0, 1] and all(o.update for o in outcomes)

@@ -289,3 +289,19 @@ def test_a_thousand_registered_clients_materialize_only_the_sampled_ones(tmp_pat
     store_ops.load_store(restored, latest_checkpoint(tmp_path / "ckpt") / "client_states")
     for cid in sampled:
         assert S.equal(restored.get(cid)["control"], _state(cid, 0, 0))
+
+
+def test_checkpoints_from_before_per_client_files_still_restore(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from fedfm.core.checkpoint import restore_client_states
+
+    path = tmp_path / "round_0002"
+    path.mkdir()
+    save_file({"4/control::a": torch.tensor([1.0, 2.0]), "4/control::b": torch.tensor([[3.0]])},
+              str(path / "client_states.safetensors"))
+    store = store_ops.MemoryClientStore()
+    store.put(9, {"control": _state(0, 0, 0)})  # replaced, not merged
+    restore_client_states(store, path)
+    assert store.client_ids() == [4]
+    assert S.equal(store.get(4)["control"], _state(1, 2, 3))

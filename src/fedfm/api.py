@@ -14,7 +14,6 @@ from rich.console import Console
 
 import fedfm
 from fedfm.config import ConfigError, RunConfig, load_config
-from fedfm.core import client_store as store_ops
 from fedfm.core import state as state_ops
 from fedfm.core.algorithm import Algorithm
 from fedfm.core.checkpoint import (
@@ -22,6 +21,7 @@ from fedfm.core.checkpoint import (
     CheckpointManager,
     latest_checkpoint,
     load_checkpoint,
+    restore_client_states,
     restore_rng,
 )
 from fedfm.core.client_store import (
@@ -224,7 +224,7 @@ def _restore(run_dir: RunDirectory, algorithm: Algorithm, store: ClientStore,
     state_ops.check_compatible(initial.global_state, checkpoint.snapshot.global_state,
                                what=f"checkpoint {checkpoint_path}")
     algorithm.server.load_state_dict(checkpoint.snapshot.server_state)
-    store_ops.load_store(store, checkpoint.client_states_dir)
+    restore_client_states(store, checkpoint_path)
     restore_rng(checkpoint.rng_tensors, checkpoint.rng_meta)
     run_dir.truncate_metrics(checkpoint.snapshot.round)
     return checkpoint.snapshot

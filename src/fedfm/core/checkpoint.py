@@ -30,6 +30,7 @@ from fedfm.core.state import State
 
 GLOBAL_FILE = "global.safetensors"
 CLIENT_STATES_DIR = "client_states"
+LEGACY_CLIENT_STATES = "client_states.safetensors"  # one flat file, before per-client files
 
 
 class CheckpointError(RuntimeError):
@@ -174,3 +175,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         rng_tensors=_load_states(path / "rng.safetensors"),
         rng_meta=meta.get("rng", {}),
     )
+
+
+def restore_client_states(store: ClientStore, checkpoint_path: str | Path) -> None:
+    """Load a checkpoint's per-client states into ``store`` (replacing its content), from
+    ``client_states/`` or, for checkpoints written before it, the flat legacy file."""
+    path = Path(checkpoint_path)
+    directory, legacy = path / CLIENT_STATES_DIR, path / LEGACY_CLIENT_STATES
+    if directory.is_dir() or not legacy.exists():
+        store_ops.load_store(store, directory)
+        return
+    store.clear()
+    per_client: dict[int, State] = OrderedDict()
+    for full_key, tensor in load_file(str(legacy)).items():
+        client_id, key = full_key.split("/", 1)
+        per_client.setdefault(int(client_id), OrderedDict())[key] = tensor
+    for client_id, flat in per_client.items():
+        store.put(client_id, store_ops.unflatten(flat))

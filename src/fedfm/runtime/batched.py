@@ -64,6 +64,12 @@ def unsupported_reason(workload: Workload) -> str | None:
         return f"task {task!r} (batched supports classification and causal_lm)"
     if task == "causal_lm" and CausalLMLoss.parts(workload.model) is None:
         return "the causal LM has no plain backbone + linear output layer"
+    model = workload.model
+    for path in _owners(model, trainable_names(model)):
+        owner = model.get_submodule(path)
+        if not isinstance(owner, torch.nn.Linear):
+            return (f"{path} ({type(owner).__name__}) trains, and only linear layers fed "
+                    f"examples row by row can hold one copy per client")
     return None
 
 

@@ -111,8 +111,11 @@ class FeatureStore:
             handle, name = tempfile.mkstemp(prefix="fedfm-prefix-", suffix=".bin",
                                             dir=directory)
             os.close(handle)
-            self._path = Path(name)
-            self._file = open(self._path, "r+b")  # noqa: SIM115 -- lives as long as the store
+            self._file = open(name, "r+b")  # noqa: SIM115 -- lives as long as the store
+            try:  # POSIX: the open handle keeps the data; nothing is left if the process dies
+                os.unlink(name)
+            except OSError:  # e.g. Windows: removed in close() instead
+                self._path = Path(name)
         self._file.seek(0, os.SEEK_END)
         offset = self._file.tell()
         self._file.write(tensor.view(torch.uint8).reshape(-1).numpy().tobytes())
@@ -124,6 +127,8 @@ class FeatureStore:
         for dim in entry.shape:
             count *= dim
         nbytes = count * torch.empty((), dtype=entry.dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
         raw = os.pread(self._file.fileno(), nbytes, entry.offset)
         flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         return flat.view(entry.dtype).reshape(entry.shape)
@@ -428,8 +433,8 @@ def check_prefix_cache(model: torch.nn.Module, batch: dict[str, torch.Tensor], l
     try:
         reference_loss, reference = _loss_and_grads(model, batch, loss_fn, autocast)
         cached_loss, cached = _loss_and_grads(model, batch, cache.wrap(loss_fn), autocast)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        return False, f"the cached forward failed on a probe batch: {exc}"
+    except Exception as exc:  # noqa: BLE001 -- any failure on an unusual architecture: no cache
+        return False, f"the cached forward failed on a probe batch: {type(exc).__name__}: {exc}"
     finally:
         model.train(was_training)
     if cache.stats.bypassed_batches or not cache.stats.misses:
@@ -460,8 +465,12 @@ def build_prefix_cache(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         return None, reason
     store = FeatureStore(int(memory_mb * 2**20), spill_dir)
     cache = PrefixCache(split, store)
-    ok, note = check_prefix_cache(model, batch, loss_fn, cache, autocast, tolerance)
+    ok, note = False, "the probe check did not finish"
+    try:
+        ok, note = check_prefix_cache(model, batch, loss_fn, cache, autocast, tolerance)
+    finally:
+        if not ok:
+            cache.detach()
     if not ok:
-        cache.detach()
         return None, note
     return cache, f"{reason}; {note}"
