@@ -187,6 +187,10 @@ class BatchedRuntime:
         if self.fallback is not None:
             log.warning("runtime.kind 'batched' runs clients one by one (as 'local'): %s",
                         self.fallback)
+        elif workload.speed.cache is not None:
+            workload.speed.prefix_cache_note += (
+                "; batched training computes its own per-client losses, so the cache serves "
+                "evaluation only")
         self.passes = 0
 
     def run_clients(self, client_ids: list[int], broadcast: Broadcast,
