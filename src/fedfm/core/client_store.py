@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -121,7 +120,6 @@ class TieredClientStore:
         self.disk = DiskClientStore(directory)
         self.memory_bytes = memory_bytes
         self._memory: OrderedDict[int, ClientState] = OrderedDict()
-        self._sizes: dict[int, int] = {}
         self.bytes_in_memory = 0
 
     def get(self, client_id: int) -> ClientState | None:
@@ -138,17 +136,15 @@ class TieredClientStore:
             self.disk.put(client_id, stored)
             return
         self._memory[client_id] = stored
-        self._sizes[client_id] = size
         self.bytes_in_memory += size
         while self.bytes_in_memory > self.memory_bytes:
             oldest, state = self._memory.popitem(last=False)
-            self.bytes_in_memory -= self._sizes.pop(oldest)
+            self.bytes_in_memory -= state_bytes(state)
             self.disk.put(oldest, state)
 
     def _drop(self, client_id: int) -> None:
         if client_id in self._memory:
-            del self._memory[client_id]
-            self.bytes_in_memory -= self._sizes.pop(client_id)
+            self.bytes_in_memory -= state_bytes(self._memory.pop(client_id))
         self.disk.remove(client_id)
 
     def client_ids(self) -> list[int]:
@@ -162,16 +158,8 @@ class TieredClientStore:
 
     def clear(self) -> None:
         self._memory.clear()
-        self._sizes.clear()
         self.bytes_in_memory = 0
         self.disk.clear()
-
-
-def iter_items(store: ClientStore) -> Iterator[tuple[int, ClientState]]:
-    for client_id in store.client_ids():
-        client_state = store.get(client_id)
-        if client_state is not None:
-            yield client_id, client_state
 
 
 def save_store(store: ClientStore, directory: Path) -> int:

@@ -170,16 +170,23 @@ class CausalLMLoss:
             return None
         return backbone, head
 
-    def __call__(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def hidden_states(self, model: torch.nn.Module, batch: dict[str, Tensor]
+                      ) -> tuple[Tensor, torch.nn.Linear]:
+        """The backbone's last hidden states for ``batch`` (labels ignored) and the head."""
         parts = self.parts(model)
         if parts is None:
             raise ValueError("the fused loss needs a causal LM with a linear output layer")
         backbone, head = parts
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         # no KV cache in training (and Hugging Face derives packed rows' masks only without one)
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state
-        labels = batch["labels"]
-        shifted = labels[:, 1:]
+        return backbone(**inputs, use_cache=False).last_hidden_state, head  # type: ignore[return-value]
+
+    def loss_from_hidden(self, hidden: Tensor, labels: Tensor, head: torch.nn.Linear) -> Tensor:
+        """Mean next-token cross-entropy of ``hidden`` (rows of a batch) against ``labels``."""
         return fused_linear_cross_entropy(
-            hidden[:, :-1], head.weight, head.bias, shifted, chunk_tokens=self.chunk_tokens,
-            compute_dtype=_autocast_dtype(hidden.device))
+            hidden[:, :-1], head.weight, head.bias, labels[:, 1:],
+            chunk_tokens=self.chunk_tokens, compute_dtype=_autocast_dtype(hidden.device))
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        hidden, head = self.hidden_states(model, batch)
+        return self.loss_from_hidden(hidden, batch["labels"], head)

@@ -29,7 +29,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -43,7 +43,8 @@ from fedfm.core.registries import RUNTIMES
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast
 from fedfm.models.adapters import trainable_names
-from fedfm.models.fused_loss import CausalLMLoss, _autocast_dtype, fused_linear_cross_entropy
+from fedfm.models.fused_loss import CausalLMLoss
+from fedfm.runtime.fast import autocast_context
 from fedfm.runtime.local import LocalRuntime
 from fedfm.runtime.workload import Workload
 
@@ -164,13 +165,9 @@ def client_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: 
         return [F.cross_entropy(logits[s:s + n].reshape(-1, logits.shape[-1]),
                                 labels[s:s + n].reshape(-1)) for s, n in zip(starts, real_rows,
                                                                            strict=True)]
-    parts = CausalLMLoss.parts(model)
-    assert parts is not None
-    backbone, head = parts
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state
-    compute = _autocast_dtype(hidden.device)
-    return [fused_linear_cross_entropy(hidden[s:s + n, :-1], head.weight, head.bias,
-                                       labels[s:s + n, 1:], compute_dtype=compute)
+    fused = CausalLMLoss()
+    hidden, head = fused.hidden_states(model, inputs)
+    return [fused.loss_from_hidden(hidden[s:s + n], labels[s:s + n], head)
             for s, n in zip(starts, real_rows, strict=True)]
 
 
@@ -237,8 +234,7 @@ class BatchedRuntime:
         workload = self.workload
         model = workload.model
         accum = trainers[0].cfg.grad_accum
-        autocast = (torch.autocast(workload.device.type, dtype=workload.autocast_dtype)
-                    if workload.autocast_dtype is not None else nullcontext())
+        autocast = autocast_context(workload.device, workload.autocast_dtype)
         collate = workload.collate_fn()
         torch.manual_seed(trainers[0].ctx.seed)  # one dropout stream for the pass
         model.train()

@@ -46,6 +46,7 @@ from fedfm.models.adapters import find_blocks
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_KEY_FIELDS = ("input_ids", "token_type_ids", "position_ids")
 _IGNORE_INDEX = -100
 
 
@@ -312,7 +313,9 @@ class PrefixCache:
     def _hidden_states(self, inputs: dict[str, torch.Tensor], options: dict[str, Any]
                        ) -> torch.Tensor:
         lengths = row_lengths(inputs)
-        keys = [row_key(inputs, row, length) for row, length in enumerate(lengths)]
+        on_host = {name: inputs[name].to("cpu", torch.int64) for name in _KEY_FIELDS
+                   if name in inputs}  # one device copy per batch, not one per row
+        keys = [row_key(on_host, row, length) for row, length in enumerate(lengths)]
         missing = [row for row, key in enumerate(keys) if key not in self.store]
         self.stats.hits += len(keys) - len(missing)
         self.stats.misses += len(missing)
@@ -399,7 +402,7 @@ def row_lengths(inputs: dict[str, torch.Tensor]) -> list[int]:
 def row_key(inputs: dict[str, torch.Tensor], row: int, length: int) -> bytes:
     """Digest of one row's unpadded inputs (ids, and token types / positions when given)."""
     digest = hashlib.blake2b(digest_size=20)
-    for name in ("input_ids", "token_type_ids", "position_ids"):
+    for name in _KEY_FIELDS:
         tensor = inputs.get(name)
         if tensor is not None:
             digest.update(name.encode())
