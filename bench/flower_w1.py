@@ -43,7 +43,6 @@ import platform  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Iterable, Iterator  # noqa: E402
@@ -57,12 +56,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from overhead import NUM_CLIENTS, w1_config, w1_data  # noqa: E402
+from process_tree import TreeRssSampler  # noqa: E402
 
 from fedfm.config import RunConfig  # noqa: E402
 from fedfm.data import collate  # noqa: E402
 from fedfm.models import ModelBundle, apply_adapter, load_model  # noqa: E402
-
-SAMPLE_INTERVAL_S = 0.2
 
 
 def get_model(config: RunConfig) -> ModelBundle:
@@ -179,53 +177,6 @@ def build_server_app(rounds: int, client_threads: int, report: dict):  # -> flwr
 
 
 # --------------------------------------------------------------------------- measurement
-
-
-class TreeRssSampler(threading.Thread):
-    """Peak of the summed RSS of this process and all its descendants."""
-
-    def __init__(self, interval: float = SAMPLE_INTERVAL_S) -> None:
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.peak_bytes = 0
-        self.max_processes = 0
-        self.max_by_name: dict[str, int] = {}  # process name -> most alive at once
-        self.actor_nice: set[int] = set()  # nice values seen on ClientApp actors
-        self.cpu_s: dict[int, float] = {}  # pid -> last seen user+system CPU seconds
-        self._stop_event = threading.Event()
-        self._root = psutil.Process()
-
-    def sample(self) -> None:
-        total, procs = 0, 0
-        names: dict[str, int] = {}
-        for proc in [self._root, *self._root.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-                times = proc.cpu_times()
-                self.cpu_s[proc.pid] = times.user + times.system
-                name = proc.name() if proc is not self._root else "driver"
-                if name.startswith("ray::ClientAppActor"):
-                    name = "ray::ClientAppActor"
-                    self.actor_nice.add(proc.nice())
-                procs += 1
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            names[name] = names.get(name, 0) + 1
-        self.peak_bytes = max(self.peak_bytes, total)
-        self.max_processes = max(self.max_processes, procs)
-        for name, count in names.items():
-            self.max_by_name[name] = max(self.max_by_name.get(name, 0), count)
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            with contextlib.suppress(psutil.Error):
-                self.sample()
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-        self.sample()
 
 
 @contextlib.contextmanager

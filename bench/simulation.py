@@ -1,8 +1,10 @@
 """Side-by-side simulation bench on workload W1 (see bench/overhead.py for its definition).
 
 Each variant runs in its own child process (so peak memory is its own) on the same model init
-and data, and prints one JSON line: wall seconds per round, peak RSS (the child and its
-children), and the ratio to the fp32 floor measured in the same invocation. A table follows.
+and data, and prints one JSON line: wall seconds per round, peak memory (the peak of the summed
+RSS of the child and all its descendants, sampled the same way for every variant by
+bench/process_tree.py, e.g. Ray's processes for Flower, the C++ compiler during torch.compile's
+warm-up), and the ratio to the fp32 floor measured in the same invocation. A table follows.
 
 Variants:
   floor       plain PyTorch loop, fp32, the model's own loss, W1's optimizer steps on one model
@@ -14,11 +16,14 @@ Variants:
   fast        the best of the fast_* variants on this machine (reported, not rerun)
   batched     fedfm `batched` runtime (all 10 clients of a round in one pass), fused loss, fp32
   batched_bf16  the same in bf16
-  flower      Flower's simulation (bench/flower_w1.py; needs the `bench` extra: flwr + Ray);
-              its peak memory is the summed RSS of its whole process tree (Ray's processes)
+  flower      Flower's simulation (bench/flower_w1.py; needs the `bench` extra: flwr + Ray)
   fast_compile  fast_fp32 plus torch.compile (opt-in: --variants ...,fast_compile)
 
-    python bench/simulation.py [--rounds 2] [--threads N] [--variants floor,local_fp32,...]
+With ``--repeats R`` every variant but Flower times its rounds R times in its process and reports
+the fastest (the spread is in ``wall_s_repeats``): on a shared machine a single timing can be
+off by +-5%.
+
+    python bench/simulation.py [--rounds 2] [--repeats 1] [--threads N] [--variants ...]
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from overhead import build_workload, run_fedfm, run_floor, w1_config  # noqa: E402
+from process_tree import TreeRssSampler, peak_tree_rss_mb  # noqa: E402
 
 from fedfm.api import probe_batch, seed_everything  # noqa: E402
 from fedfm.models import get_state  # noqa: E402
@@ -65,13 +70,17 @@ RUNTIME = {
 }
 
 
-def peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024  # ru_maxrss is in KiB on Linux
+def run_variant(variant: str, rounds: int, repeats: int) -> dict:
+    sampler = TreeRssSampler()
+    sampler.start()
+    try:
+        result = measure_variant(variant, rounds, repeats)
+    finally:
+        sampler.stop()
+    return {**result, "peak_rss_mb": round(peak_tree_rss_mb(sampler), 1)}
 
 
-def run_variant(variant: str, rounds: int) -> dict:
+def measure_variant(variant: str, rounds: int, repeats: int) -> dict:
     seed_everything(0)
     config = w1_config(rounds)
     if variant in RUNTIME:
@@ -89,20 +98,22 @@ def run_variant(variant: str, rounds: int) -> dict:
     steps = rounds * config.federation.sample_size() * config.algorithm.local.steps
     if variant == "floor":
         run_floor(workload, initial, 5)  # warm-up
-        seconds = run_floor(workload, initial, steps)
+        times = [run_floor(workload, initial, steps) for _ in range(repeats)]
     else:
         runtime_cls = BatchedRuntime if config.runtime.kind == "batched" else LocalRuntime
         if config.runtime.compile:  # compile once, in a warm-up round, reported on its own
             setup["compile_warmup_round_s"] = round(
                 run_fedfm(workload, initial, 1, runtime_cls), 3)
-        seconds = run_fedfm(workload, initial, rounds, runtime_cls)
+        times = [run_fedfm(workload, initial, rounds, runtime_cls) for _ in range(repeats)]
+    seconds = min(times)
     return {"variant": variant, "rounds": rounds, "optimizer_steps": steps,
             "wall_s": round(seconds, 3), "wall_per_round_s": round(seconds / rounds, 3),
-            "peak_rss_mb": round(peak_rss_mb(), 1), "setup": setup}
+            "wall_s_repeats": [round(t, 3) for t in times], "setup": setup}
 
 
-def spawn(variant: str, rounds: int, threads: int | None) -> dict:
-    command = [sys.executable, __file__, "--child", variant, "--rounds", str(rounds)]
+def spawn(variant: str, rounds: int, repeats: int, threads: int | None) -> dict:
+    command = [sys.executable, __file__, "--child", variant, "--rounds", str(rounds),
+               "--repeats", str(repeats)]
     if variant == "flower":
         if importlib.util.find_spec("flwr") is None:
             return {"variant": "flower", "status": "not measured",
@@ -113,7 +124,7 @@ def spawn(variant: str, rounds: int, threads: int | None) -> dict:
         command += ["--threads", str(threads)]
     env = dict(os.environ)
     if RUNTIME.get(variant, {}).get("compile"):
-        # compile in-process: inductor's pool of compile workers would count in peak memory
+        # compile in-process: a pool of compile workers would add its processes to peak memory
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     with tempfile.TemporaryFile() as err:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -128,6 +139,7 @@ def spawn(variant: str, rounds: int, threads: int | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -135,10 +147,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(run_variant(args.child, args.rounds)))
+        print(json.dumps(run_variant(args.child, args.rounds, args.repeats)))
         return
     started = time.perf_counter()
-    results = [spawn(v, args.rounds, args.threads) for v in args.variants.split(",")]
+    results = [spawn(v, args.rounds, args.repeats, args.threads)
+               for v in args.variants.split(",")]
     by_name = {r["variant"]: r for r in results if "wall_per_round_s" in r}
     fast = [by_name[v] for v in ("fast_fp32", "fast_bf16", "fast_bf16_compile") if v in by_name]
     if fast:

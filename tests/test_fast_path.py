@@ -194,6 +194,27 @@ def test_attention_is_measured_once_then_read_from_the_cache(tmp_path: Path,
     assert again.attention_source == "cache" and again.attention == plan.attention
 
 
+@pytest.mark.slow
+def test_compiled_attention_is_measured_compiled(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With compile on, each candidate is timed as its own compiled graph (the compiler changes
+    the ranking), under a cache key of its own."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("FEDFM_CACHE_DIR", str(tmp_path))
+    batch = collate(lm_examples(4), pad_token_id=0, task="causal_lm")
+    fast.prepare_fast_path(lm_bundle(), RuntimeConfig(), torch.device("cpu"), batch)
+    counters.clear()
+    plan, _, _ = fast.prepare_fast_path(lm_bundle(), RuntimeConfig(compile=True),
+                                        torch.device("cpu"), batch)
+    assert plan.compiled and plan.attention_source == "measured"  # not the eager entry
+    assert set(plan.attention_ms) == {"sdpa", "eager"}
+    assert plan.attention == min(plan.attention_ms, key=plan.attention_ms.__getitem__)
+    # switching the implementation recompiled rather than reusing the first candidate's graph
+    assert counters["stats"]["unique_graphs"] >= 2
+    assert len(json.loads((tmp_path / "attention.json").read_text())) == 2
+
+
 def test_attention_implementations_agree() -> None:
     batch = collate(lm_examples(4), pad_token_id=0, task="causal_lm")
     losses = {}

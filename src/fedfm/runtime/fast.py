@@ -5,9 +5,12 @@ per process on the one base model every client shares.
   weight casts) while trainable parameters, their gradients and the optimizer state stay fp32;
   forward and backward run under bf16 autocast.
 * ``attention: auto`` times each attention implementation the model supports on a real batch
-  (forward + backward, the training step's shape) and keeps the fastest. The choice is cached per
-  device, model shape and batch shape (``$FEDFM_CACHE_DIR``, default ``~/.cache/fedfm``), so the
-  same machine makes the same choice in every run and a seeded run stays bit-reproducible.
+  (forward + backward, the training step's shape) and keeps the fastest. With ``compile`` on the
+  candidates are timed compiled, since the compiler changes the ranking (on a CPU, inductor fuses
+  the eager softmax attention, which then beats the flash kernel at short lengths). The choice is
+  cached per device, model shape, batch shape and compile flag (``$FEDFM_CACHE_DIR``, default
+  ``~/.cache/fedfm``), so the same machine makes the same choice in every run and a seeded run
+  stays bit-reproducible.
 * ``fused_loss`` swaps ``model(**batch).loss`` for ``fedfm.models.fused_loss.CausalLMLoss``
   after checking on a probe batch that both agree; otherwise the standard loss is kept and the
   reason recorded.
@@ -116,14 +119,14 @@ def _device_signature(device: torch.device) -> str:
 
 
 def _attention_cache_key(model: torch.nn.Module, device: torch.device,
-                         batch: dict[str, torch.Tensor], precision: str) -> str:
+                         batch: dict[str, torch.Tensor], precision: str, compiled: bool) -> str:
     config = getattr(hf_model(model), "config", None)
     shape = {k: getattr(config, k, None) for k in (
         "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size", "vocab_size")}
     batch_shape = list(batch["input_ids"].shape)
     raw = json.dumps([_device_signature(device), shape, batch_shape, precision,
-                      torch.__version__], sort_keys=True)
+                      torch.__version__] + (["compiled"] if compiled else []), sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -153,21 +156,23 @@ def _write_cache(key: str, value: dict[str, Any]) -> None:
 
 
 def time_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                       loss_fn: LossFn, autocast: Any, repeats: int = 2) -> float:
-    """Best wall time (s) of forward + backward on ``batch``; gradients are cleared after."""
+                       loss_fn: LossFn, autocast: Any, repeats: int = 2,
+                       warmup: int = 1) -> float:
+    """Best wall time (s) of forward + backward on ``batch`` over ``repeats`` runs after
+    ``warmup`` untimed ones (allocators, kernels, compilation); gradients are cleared after."""
     params = [p for p in model.parameters() if p.requires_grad]
     best = float("inf")
     was_training = model.training
     model.train()
     try:
-        for attempt in range(repeats + 1):
+        for attempt in range(warmup + repeats):
             start = time.perf_counter()
             with autocast:
                 loss = loss_fn(model, batch)
             loss.backward()
             if batch["input_ids"].device.type == "cuda":
                 torch.cuda.synchronize()
-            if attempt:  # the first run warms up allocators and kernels
+            if attempt >= warmup:
                 best = min(best, time.perf_counter() - start)
     finally:
         for param in params:
@@ -177,17 +182,22 @@ def time_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 
 def choose_attention(model: torch.nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn,
-                     autocast: Any, device: torch.device, precision: str
+                     autocast: Any, device: torch.device, precision: str, compiled: bool = False
                      ) -> tuple[str | None, dict[str, float], str]:
-    """(choice, ms per candidate, where the choice came from): measured, or from the cache."""
-    key = _attention_cache_key(model, device, batch, precision)
+    """(choice, ms per candidate, where the choice came from): measured, or from the cache.
+    On a compiled model each candidate's first (untimed) step compiles its own graph."""
+    key = _attention_cache_key(model, device, batch, precision, compiled)
     cached = _read_cache().get(key)
     if cached and _set_attention(model, cached["choice"]):
         return cached["choice"], cached.get("ms", {}), "cache"
     timings: dict[str, float] = {}
     for name in ATTENTION_CANDIDATES:
         if _set_attention(model, name):
-            timings[name] = 1000 * time_training_step(model, batch, loss_fn, autocast)
+            # compiled: the second call may still recompile (dynamic-shape guards), and the
+            # choice is cached for good, so warm up longer and take the best of more runs
+            timings[name] = 1000 * time_training_step(
+                model, batch, loss_fn, autocast, repeats=4 if compiled else 2,
+                warmup=2 if compiled else 1)
     if not timings:
         return _current_attention(model), {}, "model default"
     choice = min(timings, key=timings.__getitem__)
@@ -256,9 +266,12 @@ def prepare_fast_path(bundle: ModelBundle, cfg: RuntimeConfig, device: torch.dev
                 model, probe_batch, fused, autocast, autocast_dtype or torch.float32)
             if ok:
                 loss_fn, plan.fused_loss = fused, True
+    if cfg.compile:
+        _compile(model, plan.fused_loss)
+        plan.compiled = True
     if probe_batch is not None and cfg.attention == "auto":
         plan.attention, plan.attention_ms, plan.attention_source = choose_attention(
-            model, probe_batch, loss_fn, autocast, device, plan.precision)
+            model, probe_batch, loss_fn, autocast, device, plan.precision, plan.compiled)
     elif cfg.attention != "auto":
         if not _set_attention(model, cfg.attention):
             raise ConfigError(f"invalid config: runtime.attention: {cfg.attention!r} is not "
@@ -268,9 +281,6 @@ def prepare_fast_path(bundle: ModelBundle, cfg: RuntimeConfig, device: torch.dev
         plan.attention = _current_attention(model)
     loss_fn = _prefix_cache(model, cfg, plan, probe_batch, loss_fn, autocast,
                             autocast_dtype or torch.float32)
-    if cfg.compile:
-        _compile(model, plan.fused_loss)
-        plan.compiled = True
     return plan, loss_fn, autocast_dtype
 
 
