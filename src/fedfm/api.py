@@ -38,10 +38,30 @@ from fedfm.tracking import ConsoleProgress, MetricsFileSink, RunDirectory, summa
 
 @dataclass
 class RunResult:
+    """What a run leaves: its directory, the final global State, ``summary.json`` and the
+    per-round records of ``metrics.jsonl`` (plain dicts, no pandas needed)."""
+
     run_dir: Path
     final_state: State
     summary: dict[str, Any]
     metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One flat dict per logged round: ``round`` plus every scalar of its record under the
+        same names the TensorBoard / MLflow sinks use (``eval/global/accuracy``, ...)."""
+        from fedfm.tracking.sinks import flatten_record
+
+        return [{"round": int(r.get("round", 0)), **flatten_record(r)} for r in self.metrics]
+
+    def to_pandas(self) -> Any:
+        """``history`` as a ``pandas.DataFrame`` indexed by round (pandas is optional)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("RunResult.to_pandas() needs pandas (pip install pandas); "
+                              "RunResult.history holds the same rows as plain dicts") from exc
+        return pd.DataFrame(self.history).set_index("round")
 
 
 def _register_components() -> None:
@@ -59,6 +79,9 @@ def check_components(config: RunConfig) -> None:
             "(fedfm data stats) but training on it (federated DPO) is not available yet; "
             "use instruction, chat or classification")
     _check_task(config)
+    from fedfm.tracking.sinks import check_sink_packages
+
+    check_sink_packages(config.tracking.tensorboard, config.tracking.mlflow)
     for registry, value, path in (
         (ALGORITHMS, config.algorithm.name, "algorithm.name"),
         (SERVER_OPTIMIZERS, config.algorithm.server_optimizer.name,
@@ -243,18 +266,44 @@ def _drive(config: RunConfig, algorithm: Algorithm, runtime: Runtime,
         eval_enabled=config.eval.enabled,
         eval_at_start=config.eval.at_start, per_client_eval=config.eval.per_client)
 
+    sinks = build_sinks(config, run_dir)
+
     def make_loop(observers: list[Any]) -> RoundLoop:
         return RoundLoop(settings=settings, server=algorithm.server, runtime=runtime,
-                         observers=[MetricsFileSink(run_dir), *observers],
+                         observers=[MetricsFileSink(run_dir), *sinks, *observers],
                          checkpointer=checkpointer, client_store=store,
                          fairness=lambda per_client: fairness_summary(
                              dict(per_client), metric=metric,
                              higher_is_better=higher_is_better))
 
-    if not show:
-        return make_loop([]).run(snapshot)
-    with ConsoleProgress(settings.rounds, start_round=snapshot.round) as progress:
-        return make_loop([progress]).run(snapshot)
+    status = "FAILED"
+    try:
+        if not show:
+            final = make_loop([]).run(snapshot)
+        else:
+            with ConsoleProgress(settings.rounds, start_round=snapshot.round) as progress:
+                final = make_loop([progress]).run(snapshot)
+        status = "FINISHED"
+        return final
+    finally:
+        for sink in sinks:
+            sink.close(status)
+
+
+def build_sinks(config: RunConfig, run_dir: RunDirectory) -> list[Any]:
+    """TensorBoard and MLflow sinks when the config asks for them (JSONL is always on)."""
+    from fedfm.tracking.sinks import MLflowSink, TensorBoardSink
+
+    sinks: list[Any] = []
+    tracking = config.tracking
+    if tracking.tensorboard:
+        sinks.append(TensorBoardSink(run_dir.path / "tensorboard"))
+    if tracking.mlflow:
+        sinks.append(MLflowSink(run_dir.path, tracking_uri=tracking.mlflow_tracking_uri,
+                                experiment=tracking.mlflow_experiment,
+                                run_name=run_dir.path.name,
+                                params=config.model_dump(mode="json")))
+    return sinks
 
 
 def _finish(config: RunConfig, run_dir: RunDirectory, final: LoopSnapshot, workload: Any,
@@ -298,6 +347,9 @@ def build_summary(config: RunConfig, run_dir: RunDirectory, final: LoopSnapshot,
         "trainable_params": trainable,
         "total_params": total,
         "client_train_sizes": [len(c.train) for c in workload.data.clients],
+        "num_labels": workload.data.num_labels,
+        "label_names": workload.data.label_names,
+        "data": workload.data.stats.to_dict() if workload.data.stats is not None else None,
         "wall_time": final.totals.get("wall_time", 0.0),
         "bytes_up": int(final.totals.get("bytes_up", 0)),
         "bytes_down": int(final.totals.get("bytes_down", 0)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -101,24 +101,132 @@ def data_stats(config: Annotated[Path, typer.Argument(help="Run config (YAML).")
 
 
 @app.command()
-def methods() -> None:
-    """List every registered component by kind."""
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>-<time>).")],
+    format_: Annotated[str, typer.Option(
+        "--format", help="peft: adapter directory for peft.PeftModel.from_pretrained; merged "
+                         "(alias full): a transformers model directory.")] = "peft",
+    round_: Annotated[int | None, typer.Option(
+        "--round", help="Export the global model after this round (default: the last kept).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Output directory (default: RUN_DIR/export/<format>-round_NNNN).")] = None,
+) -> None:
+    """Export the global model with a provenance model card; prints the output directory."""
+    from fedfm.export import ExportError, export_run
+
+    try:
+        result = export_run(run_dir, format_, round=round_, out=out)
+    except (ExportError, *_user_errors()) as exc:
+        _fail(exc)
+        return
+    err.print(f"[green]exported[/] round {result.round} as {result.format}")
+    sys.stdout.write(f"{result.directory}\n")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories.")],
+    out: Annotated[Path, typer.Option(help="Where the PNG plots (and report.html) go.")] = Path(
+        "report"),
+    html: Annotated[bool, typer.Option("--html", help="Also write one self-contained HTML "
+                                                      "page with the plots and configs.")
+                    ] = False,
+) -> None:
+    """Compare runs: a table on the console, PNG plots (metrics by round, per-client spread,
+    bytes, time per phase) and optionally one offline HTML page."""
+    from fedfm.tracking.report import ReportError, build_report, table_for_console
+
+    try:
+        built = build_report(list(run_dirs), out, with_html=html)
+    except (ReportError, *_user_errors()) as exc:
+        _fail(exc)
+        return
+    Console().print(table_for_console(built.table))
+    for title, path in built.figures.items():
+        err.print(f"{escape(title)}: {path}")
+    if built.html is not None:
+        sys.stdout.write(f"{built.html}\n")
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the hub.")] = 3.0,
+) -> None:
+    """Versions, devices, optional extras, and whether the Hugging Face hub is reachable."""
+    import json
+
     from rich.table import Table
 
-    from fedfm.api import _register_components
-    from fedfm.core.registries import AGGREGATORS, ALGORITHMS, RUNTIMES, SERVER_OPTIMIZERS
-    from fedfm.data.partition import PARTITIONERS
-    from fedfm.models import PEFT_KINDS, SELECTIVE_KINDS, preset_names
+    from fedfm.doctor import report as doctor_report
 
-    _register_components()
-    table = Table(title="fedfm components")
-    table.add_column("kind", style="bold")
-    table.add_column("names")
-    for registry in (ALGORITHMS, SERVER_OPTIMIZERS, AGGREGATORS, RUNTIMES, PARTITIONERS):
-        table.add_row(registry.kind, ", ".join(registry.names()))
-    table.add_row("model preset", ", ".join(preset_names()))
-    table.add_row("adapter", ", ".join([*PEFT_KINDS, *SELECTIVE_KINDS]))
+    found = doctor_report(timeout)
+    if as_json:
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+        return
+    table = Table(title="fedfm doctor", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    packages = found["packages"]
+    table.add_row("python", f"{packages['python']} ({escape(packages['platform'])})")
+    for name, version in packages["core"].items():
+        table.add_row(name, version or "[red]missing[/]")
+    for name, info in packages["optional"].items():
+        state = info["version"] or ("installed" if info["installed"] else "[dim]not installed[/]")
+        extra = f", pip install 'fedfm[{info['extra']}]'" if info["extra"] else ""
+        table.add_row(name, f"{state} [dim](for {escape(info['for'])}{escape(extra)})[/]")
+    cpu, cuda = found["devices"]["cpu"], found["devices"]["cuda"]
+    table.add_row("cpu", f"{cpu['cores']} cores, torch threads {cpu['threads']}, "
+                         f"{cpu['capability']}, AMX bf16: {cpu['amx_bf16']}")
+    table.add_row("cuda", ", ".join(cuda.get("devices", [])) if cuda["available"]
+                  else "not available")
+    hub = found["reachable"]["huggingface_hub"]
+    table.add_row("huggingface hub", "reachable" if hub["reachable"] else
+                  f"[yellow]not reachable[/] ({escape(str(hub.get('why', '')))}): use presets, "
+                  f"local model dirs and local data")
     Console().print(table)
+
+
+@app.command()
+def methods(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The survey's taxonomy with every implemented method: registry name, paper and the config
+    snippet that enables it (built from the registries)."""
+    import json
+
+    from fedfm.catalogue import catalogue
+
+    data = catalogue()
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    Console().print(render_catalogue(data))
+
+
+def render_catalogue(data: dict) -> Any:
+    """A rich Tree: branch > ... > leaf > methods (name, registry, paper, config)."""
+    from rich.tree import Tree
+
+    root = Tree(f"[bold]fedfm methods[/] (taxonomy of {escape(data['survey'])})")
+    nodes: dict[tuple[str, ...], Any] = {}
+    for leaf in data["leaves"]:
+        parent, path = root, ()
+        for title in leaf["path"]:
+            path = (*path, title)
+            if path not in nodes:
+                nodes[path] = parent.add(f"[bold]{escape(title)}[/]")
+            parent = nodes[path]
+        if not leaf["methods"]:
+            parent.add("[dim]not implemented yet[/]")
+        for method in leaf["methods"]:
+            paper = f"\n  {escape(method['paper'])}" if method["paper"] else ""
+            parent.add(f"[green]{escape(method['name'])}[/] [dim]({method['registry']})[/] "
+                       f"{escape(method['summary'])}{paper}\n  [cyan]{escape(method['config'])}[/]")
+    root.add(f"[bold]Model presets[/] (model.name; or a hub id, or a local directory): "
+             f"{', '.join(data['model_presets'])}")
+    return root
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -35,7 +35,8 @@ TaskKind = Literal["causal_lm", "classification", "seq2seq"]
 
 class ModelConfig(_Section):
     """Which foundation model: a preset (``tiny-llama``, ``tiny-gpt2``, ``tiny-bert``,
-    ``tiny-t5``, ``minilm``), a Hugging Face hub id, or a local directory."""
+    ``tiny-t5``, ``minilm``), a Hugging Face hub id, or a local directory (``model.name``, or
+    its synonym ``model.path``)."""
 
     name: str = Field(min_length=1)
     task: TaskKind | None = None  # None: the preset's task, else causal_lm
@@ -46,6 +47,20 @@ class ModelConfig(_Section):
     max_length: int = Field(default=256, ge=8, le=131072)
     # Extra keys for a preset's model config (e.g. hidden_size) -- presets only.
     config_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_means_name(cls, raw: Any) -> Any:
+        """``model.path`` is accepted as another spelling of ``model.name``."""
+        if not isinstance(raw, dict) or "path" not in raw:
+            return raw
+        raw = dict(raw)
+        path = raw.pop("path")
+        if "name" in raw and raw["name"] != path:
+            raise ValueError(f"model.name ({raw['name']!r}) and model.path ({path!r}) disagree; "
+                             f"set one of them")
+        raw["name"] = path
+        return raw
 
 
 AdapterKind = Literal[
@@ -279,13 +294,18 @@ class EvalConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """Where the run directory goes and how often the global State is checkpointed."""
+    """Where the run directory goes, how often the global State is checkpointed, and which
+    metrics sinks receive each round's record (``metrics.jsonl`` always does)."""
 
     output_dir: str = "runs"
     run_name: str | None = None  # default: the config's name + a timestamp
     checkpoint_every: int = Field(default=1, ge=1)
     keep_checkpoints: int | None = Field(default=None, ge=1)  # None: keep all
     console: bool = True
+    tensorboard: bool = False  # RUN_DIR/tensorboard (the `tensorboard` extra)
+    mlflow: bool = False  # the `mlflow` extra
+    mlflow_tracking_uri: str | None = None  # None: sqlite:///RUN_DIR/mlflow.db (local)
+    mlflow_experiment: str = Field(default="fedfm", min_length=1)
 
 
 class RunConfig(_Section):

@@ -11,6 +11,7 @@ from typing import Literal, Protocol
 
 from fedfm.core import state as state_ops
 from fedfm.core.registries import AGGREGATORS
+from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import ClientUpdate
 
@@ -27,7 +28,12 @@ def update_weights(updates: list[ClientUpdate], weighting: Weighting) -> list[fl
     return [float(u.num_examples) for u in updates]
 
 
-@AGGREGATORS.register("mean")
+@AGGREGATORS.register("mean", MethodInfo(
+    "efficiency.systems.optimization",
+    "Communication-Efficient Learning of Deep Networks from Decentralized Data "
+    "(McMahan et al., AISTATS 2017)",
+    "algorithm: {weighting: examples}  # or uniform",
+    "weighted mean of client updates (by examples, or uniform)"))
 class WeightedMean:
     def __init__(self, weighting: Weighting = "examples") -> None:
         self.weighting = weighting

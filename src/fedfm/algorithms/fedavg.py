@@ -21,6 +21,7 @@ from fedfm.config import AlgorithmConfig, LocalTrainingConfig
 from fedfm.core import state as state_ops
 from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
 from fedfm.core.registries import ALGORITHMS
+from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast, ClientUpdate
 
@@ -77,7 +78,12 @@ def build_delta_server(cfg: AlgorithmConfig) -> DeltaServer:
     return DeltaServer(WeightedMean(cfg.weighting), build_server_optimizer(cfg.server_optimizer))
 
 
-@ALGORITHMS.register("fedavg")
+@ALGORITHMS.register("fedavg", MethodInfo(
+    "efficiency.systems.optimization",
+    "Communication-Efficient Learning of Deep Networks from Decentralized Data "
+    "(McMahan et al., AISTATS 2017)",
+    "algorithm: {name: fedavg, local: {steps: 10, lr: 1.0e-3}}",
+    "local steps on each client, example-weighted mean of the updates"))
 def build_fedavg(cfg: AlgorithmConfig, num_clients: int) -> Algorithm:
     return Algorithm(name="fedavg", client=DeltaClient(cfg.local), server=build_delta_server(cfg),
                      info={"server_optimizer": cfg.server_optimizer.name})

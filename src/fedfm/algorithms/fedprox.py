@@ -15,6 +15,7 @@ from fedfm.algorithms.local_train import GradHook, NamedParams, ensure_grads
 from fedfm.config import AlgorithmConfig, LocalTrainingConfig
 from fedfm.core.algorithm import Algorithm, ClientContext
 from fedfm.core.registries import ALGORITHMS
+from fedfm.core.registry import MethodInfo
 from fedfm.core.update import Broadcast
 
 
@@ -36,7 +37,11 @@ class ProximalClient(DeltaClient):
         return add_proximal_gradient
 
 
-@ALGORITHMS.register("fedprox")
+@ALGORITHMS.register("fedprox", MethodInfo(
+    "adaptability.heterogeneity",
+    "Federated Optimization in Heterogeneous Networks (Li et al., MLSys 2020)",
+    "algorithm: {name: fedprox, mu: 0.01}",
+    "proximal term mu/2 ||w - w_global||^2 against client drift"))
 def build_fedprox(cfg: AlgorithmConfig, num_clients: int) -> Algorithm:
     return Algorithm(name="fedprox", client=ProximalClient(cfg.local, cfg.mu),
                      server=build_delta_server(cfg), info={"mu": cfg.mu})

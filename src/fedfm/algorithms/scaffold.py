@@ -28,6 +28,7 @@ from fedfm.config import AlgorithmConfig
 from fedfm.core import state as state_ops
 from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
 from fedfm.core.registries import ALGORITHMS
+from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast, ClientUpdate
 
@@ -111,7 +112,12 @@ class ScaffoldServer:
         self.model_server.load_state_dict(states)
 
 
-@ALGORITHMS.register("scaffold")
+@ALGORITHMS.register("scaffold", MethodInfo(
+    "adaptability.heterogeneity",
+    "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning "
+    "(Karimireddy et al., ICML 2020)",
+    "algorithm: {name: scaffold, local: {optimizer: sgd, lr: 0.01}}",
+    "control variates correct client drift"))
 def build_scaffold(cfg: AlgorithmConfig, num_clients: int) -> Algorithm:
     return Algorithm(name="scaffold", client=ScaffoldClient(cfg.local),
                      server=ScaffoldServer(cfg, num_clients))

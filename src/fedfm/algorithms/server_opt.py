@@ -23,6 +23,7 @@ import torch
 from fedfm.config import ServerOptimizerConfig
 from fedfm.core import state as state_ops
 from fedfm.core.registries import SERVER_OPTIMIZERS
+from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 
 
@@ -39,7 +40,10 @@ def _moment_like(state: State, fill: float = 0.0) -> State:
     )
 
 
-@SERVER_OPTIMIZERS.register("sgd")
+@SERVER_OPTIMIZERS.register("sgd", MethodInfo(
+    "efficiency.systems.optimization", "Adaptive Federated Optimization (Reddi et al., ICLR 2021)",
+    "algorithm: {server_optimizer: {name: sgd, lr: 1.0}}",
+    "global += lr * mean update (lr 1: FedAvg)"))
 class ServerSGD:
     def __init__(self, cfg: ServerOptimizerConfig) -> None:
         self.lr = cfg.lr
@@ -54,7 +58,12 @@ class ServerSGD:
         return None
 
 
-@SERVER_OPTIMIZERS.register("avgm")
+@SERVER_OPTIMIZERS.register("avgm", MethodInfo(
+    "efficiency.systems.optimization",
+    "Measuring the Effects of Non-Identical Data Distribution for Federated Visual "
+    "Classification (Hsu et al., arXiv:1909.06335, 2019)",
+    "algorithm: {server_optimizer: {name: avgm, lr: 1.0, momentum: 0.9}}",
+    "FedAvgM: server momentum"))
 class ServerMomentum:
     def __init__(self, cfg: ServerOptimizerConfig) -> None:
         self.lr, self.momentum = cfg.lr, cfg.momentum
@@ -118,19 +127,26 @@ class _AdaptiveServerOptimizer:
         self.v = state_ops.clone(states["v"]) if "v" in states else None
 
 
-@SERVER_OPTIMIZERS.register("adagrad")
+@SERVER_OPTIMIZERS.register("adagrad", MethodInfo(
+    "efficiency.systems.optimization", "Adaptive Federated Optimization (Reddi et al., ICLR 2021)",
+    "algorithm: {server_optimizer: {name: adagrad, lr: 0.01, tau: 1.0e-3}}", "FedAdagrad"))
 class FedAdagrad(_AdaptiveServerOptimizer):
     def update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         return v + delta_sq
 
 
-@SERVER_OPTIMIZERS.register("adam")
+@SERVER_OPTIMIZERS.register("adam", MethodInfo(
+    "efficiency.systems.optimization", "Adaptive Federated Optimization (Reddi et al., ICLR 2021)",
+    "algorithm: {server_optimizer: {name: adam, lr: 0.01, beta1: 0.9, beta2: 0.99}}",
+    "FedAdam"))
 class FedAdam(_AdaptiveServerOptimizer):
     def update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         return self.beta2 * v + (1 - self.beta2) * delta_sq
 
 
-@SERVER_OPTIMIZERS.register("yogi")
+@SERVER_OPTIMIZERS.register("yogi", MethodInfo(
+    "efficiency.systems.optimization", "Adaptive Federated Optimization (Reddi et al., ICLR 2021)",
+    "algorithm: {server_optimizer: {name: yogi, lr: 0.01}}", "FedYogi"))
 class FedYogi(_AdaptiveServerOptimizer):
     def update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         return v - (1 - self.beta2) * delta_sq * torch.sign(v - delta_sq)

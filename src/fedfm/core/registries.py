@@ -15,5 +15,8 @@ SERVER_OPTIMIZERS: Registry[Any] = Registry("server optimizer")
 AGGREGATORS: Registry[Any] = Registry("aggregator")
 """name -> factory ``(**options) -> Aggregator``."""
 
+ADAPTERS: Registry[Any] = Registry("adapter")
+"""name -> ``(bundle, AdapterConfig, seed) -> torch.nn.Module`` (the adapted model)."""
+
 RUNTIMES: Registry[Any] = Registry("runtime")
 """name -> factory ``(workload, config, client_store) -> core.loop.Runtime``."""

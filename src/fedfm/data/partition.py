@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from fedfm.config import PartitionConfig
-from fedfm.core.registry import Registry
+from fedfm.core.registry import MethodInfo, Registry
 
 Partitioner = Callable[[Sequence[Any], int, int, PartitionConfig], list[list[int]]]
 
@@ -99,7 +99,11 @@ def _split_sizes(parts: np.ndarray, total: int) -> np.ndarray:
     return sizes
 
 
-@PARTITIONERS.register("iid")
+@PARTITIONERS.register("iid", MethodInfo(
+    "adaptability.heterogeneity.partition",
+    "Communication-Efficient Learning of Deep Networks from Decentralized Data "
+    "(McMahan et al., AISTATS 2017)",
+    "data: {partition: {kind: iid}}", "uniformly random, near-equal split"))
 def iid_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: PartitionConfig
                   ) -> list[list[int]]:
     """Uniformly random, near-equal split (sizes differ by at most one)."""
@@ -109,7 +113,12 @@ def iid_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: Partiti
     return _finish(np.array_split(order, num_clients))
 
 
-@PARTITIONERS.register("dirichlet")
+@PARTITIONERS.register("dirichlet", MethodInfo(
+    "adaptability.heterogeneity.partition",
+    "Measuring the Effects of Non-Identical Data Distribution for Federated Visual "
+    "Classification (Hsu et al., arXiv:1909.06335, 2019)",
+    "data: {partition: {kind: dirichlet, alpha: 0.5}}",
+    "per-class Dirichlet(alpha) label skew"))
 def dirichlet_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: PartitionConfig
                         ) -> list[list[int]]:
     """Per class, client shares ~ Dir(alpha); redrawn until every client has min_size rows."""
@@ -137,7 +146,11 @@ def dirichlet_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: P
     )
 
 
-@PARTITIONERS.register("natural")
+@PARTITIONERS.register("natural", MethodInfo(
+    "adaptability.heterogeneity.partition",
+    "LEAF: A Benchmark for Federated Settings (Caldas et al., arXiv:1812.01097, 2018)",
+    "data: {partition: {kind: natural, by: category}}",
+    "one client per value of a column (author, category, language)"))
 def natural_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: PartitionConfig
                       ) -> list[list[int]]:
     """Client ``i`` holds the rows whose column value is the ``i``-th distinct value (sorted)."""
@@ -157,7 +170,12 @@ def natural_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: Par
     return _finish(parts)
 
 
-@PARTITIONERS.register("shards")
+@PARTITIONERS.register("shards", MethodInfo(
+    "adaptability.heterogeneity.partition",
+    "Communication-Efficient Learning of Deep Networks from Decentralized Data "
+    "(McMahan et al., AISTATS 2017)",
+    "data: {partition: {kind: shards, shards_per_client: 2}}",
+    "sorted-by-label shards, a few per client (pathological non-IID)"))
 def shards_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: PartitionConfig
                      ) -> list[list[int]]:
     """Sort by the column (ties in seeded random order), cut into equal shards, deal
@@ -181,7 +199,10 @@ def shards_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: Part
     return _finish(parts)
 
 
-@PARTITIONERS.register("quantity")
+@PARTITIONERS.register("quantity", MethodInfo(
+    "adaptability.heterogeneity.partition",
+    "Federated Learning on Non-IID Data Silos: An Experimental Study (Li et al., ICDE 2022)",
+    "data: {partition: {kind: quantity, alpha: 1.5}}", "power-law client sizes"))
 def quantity_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: PartitionConfig
                        ) -> list[list[int]]:
     """Sizes = min_size + the rest split in proportion to Pareto(alpha) draws; rows random."""

@@ -1,4 +1,6 @@
-"""Read raw rows from local files: JSON lines, JSON, CSV, Parquet, or a saved HF dataset.
+"""Read raw rows: JSON lines, JSON, CSV or Parquet files, a directory of such files, a saved HF
+dataset, or a Hugging Face hub dataset id (``namespace/name``, through ``datasets.load_dataset``
+when the hub or its cache is reachable; a clear error naming the id when not).
 
 Every row comes back as a ``dict`` together with a *location* string that names the file and
 the 1-based line (``.jsonl``, ``.csv``, and ``.json`` files that hold JSON lines) or the
@@ -8,8 +10,8 @@ error messages print, so a bad row is always reported as ``data/train.jsonl, lin
 A malformed row raises :class:`DataError`; with ``on_error="skip"`` it is dropped instead and
 counted in a :class:`SkipLog`, whose counts end up in the data statistics (never silently).
 
-A saved ``datasets.DatasetDict`` yields its ``train`` split unless the path names another one
-with a ``::split`` suffix, e.g. ``data/my_dataset::validation``.
+A saved ``datasets.DatasetDict`` (and a hub dataset) yields its ``train`` split unless the path
+names another one with a ``::split`` suffix, e.g. ``data/my_dataset::validation``.
 """
 
 from __future__ import annotations
@@ -92,8 +94,20 @@ def iter_rows(path: str, skips: SkipLog, *, on_error: OnError = "raise"
     """
     file, split = split_path(path)
     if not file.exists():
+        if looks_like_hub_id(str(file)):
+            yield from _check_objects(_iter_hub_dataset(str(file), split), skips, on_error)
+            return
         raise DataError(f"data file {file} does not exist")
     yield from _iter_source(file, split, skips, on_error)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``namespace/name`` with no path syntax: a Hugging Face hub dataset id."""
+    if name.startswith((".", "/", "~")) or "\\" in name:
+        return False
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and Path(name).suffix.lower() not in (
+        *SUPPORTED_SUFFIXES, ".txt", ".yaml", ".yml")
 
 
 def read_rows(path: str, *, on_error: OnError = "raise", max_rows: int | None = None) -> RawRows:
@@ -115,6 +129,9 @@ def read_rows(path: str, *, on_error: OnError = "raise", max_rows: int | None = 
 def _iter_source(
     file: Path, split: str | None, skips: SkipLog, on_error: OnError
 ) -> Iterator[tuple[str, dict[str, Any]]]:
+    if file.is_dir() and not _is_saved_dataset(file):
+        yield from _iter_data_dir(file, split, skips, on_error)
+        return
     if file.is_dir():
         yield from _check_objects(_iter_hf_dir(file, split), skips, on_error)
         return
@@ -228,6 +245,44 @@ def _iter_parquet(file: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{file}: not a readable parquet file ({exc})") from None
     for index, row in enumerate(table.to_pylist()):
         yield f"{file}, row {index}", row
+
+
+def _is_saved_dataset(directory: Path) -> bool:
+    """What ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` leave behind."""
+    return any((directory / name).is_file() for name in
+               ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _iter_data_dir(directory: Path, split: str | None, skips: SkipLog, on_error: OnError
+                   ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every supported file directly in ``directory``, in name order, as one source."""
+    if split is not None:
+        raise DataError(f"{directory}: a '::{split}' suffix only applies to a saved HF "
+                        f"dataset dir or a hub dataset id")
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+    if not files:
+        raise DataError(f"{directory}: no data files ({', '.join(SUPPORTED_SUFFIXES)}) and not "
+                        f"a dataset saved with save_to_disk")
+    for file in files:
+        yield from _iter_source(file, None, skips, on_error)
+
+
+def _iter_hub_dataset(dataset_id: str, split: str | None) -> Iterator[tuple[str, Any]]:
+    """A hub dataset through ``datasets.load_dataset`` (cached, or downloaded when online)."""
+    import datasets
+
+    name = split or "train"
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=name)
+    except Exception as exc:  # offline, unknown id, missing split: datasets raises many types
+        reason = " ".join(str(exc).split())[:300]
+        raise DataError(f"data path {dataset_id!r} is not a local file or directory, and "
+                        f"loading it as hub dataset {dataset_id!r} (split {name!r}) failed: "
+                        f"{reason}. Offline machines need a local copy (save_to_disk, or "
+                        f"a jsonl/csv/parquet file)") from None
+    for index, row in enumerate(dataset):
+        yield f"{dataset_id}::{name}, row {index}", row
 
 
 def _iter_hf_dir(directory: Path, split: str | None) -> Iterator[tuple[str, Any]]:

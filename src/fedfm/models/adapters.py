@@ -42,6 +42,8 @@ from peft import (
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 from fedfm.config import AdapterConfig
+from fedfm.core.registries import ADAPTERS
+from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State, check_compatible
 from fedfm.models.loader import ModelBundle, seeded
 
@@ -90,10 +92,7 @@ def apply_adapter(bundle: ModelBundle, cfg: AdapterConfig, *, seed: int = 0) -> 
     reason = UNSUPPORTED.get((cfg.kind, bundle.family, bundle.task))
     if reason is not None:
         raise _unsupported(cfg, bundle, reason)
-    if cfg.kind in PEFT_KINDS:
-        model = _apply_peft(bundle, cfg, seed)
-    else:
-        model = _apply_selective(bundle, cfg)
+    model = ADAPTERS.get(cfg.kind)(bundle, cfg, seed)
     if not trainable_names(model):
         raise _unsupported(cfg, bundle, "no parameter would be trained")
     return dataclasses.replace(bundle, model=model)
@@ -169,7 +168,7 @@ def _extra_head_names(bundle: ModelBundle) -> list[str]:
 # --------------------------------------------------------------------------- selective
 
 
-def _apply_selective(bundle: ModelBundle, cfg: AdapterConfig) -> torch.nn.Module:
+def _apply_selective(bundle: ModelBundle, cfg: AdapterConfig, seed: int = 0) -> torch.nn.Module:
     model = bundle.model
     chosen = select_parameters(bundle, cfg)
     for name, param in model.named_parameters():
@@ -313,3 +312,47 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def _first_line(exc: BaseException) -> str:
     return " ".join(str(exc).split("\n", 1)[0].split()) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _register(kind: str, taxonomy: str, paper: str, config: str, summary: str) -> None:
+    apply = _apply_peft if kind in PEFT_KINDS else _apply_selective
+    ADAPTERS.register(kind, MethodInfo(taxonomy, paper, config, summary))(apply)
+
+
+_register("lora", "efficiency.peft.reparameterization",
+          "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., ICLR 2022)",
+          "adapter: {kind: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}",
+          "trainable low-rank B A added to frozen weights (via peft)")
+_register("ia3", "efficiency.peft.additive.adapter",
+          "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context "
+          "Learning (Liu et al., NeurIPS 2022)",
+          "adapter: {kind: ia3}", "(IA)^3: learned rescaling vectors on keys, values, FFN")
+_register("prompt_tuning", "efficiency.peft.additive.prompt",
+          "The Power of Scale for Parameter-Efficient Prompt Tuning (Lester et al., EMNLP 2021)",
+          "adapter: {kind: prompt_tuning, num_virtual_tokens: 16}",
+          "trainable virtual-token embeddings prepended to the input")
+_register("prefix_tuning", "efficiency.peft.additive.prompt",
+          "Prefix-Tuning: Optimizing Continuous Prompts for Generation (Li & Liang, ACL 2021)",
+          "adapter: {kind: prefix_tuning, num_virtual_tokens: 16}",
+          "trainable key/value prefixes in every attention layer")
+_register("bitfit", "efficiency.peft.selective",
+          "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked "
+          "Language-models (Ben Zaken et al., ACL 2022)",
+          "adapter: {kind: bitfit}", "only the bias terms train")
+_register("layernorm", "efficiency.peft.selective",
+          "Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM Finetuning "
+          "(Zhao et al., ICLR 2024)",
+          "adapter: {kind: layernorm}", "only LayerNorm / RMSNorm weights and biases train")
+_register("last_layers", "efficiency.peft.selective",
+          "How transferable are features in deep neural networks? (Yosinski et al., "
+          "NeurIPS 2014)",
+          "adapter: {kind: last_layers, num_layers: 2}", "the last N transformer blocks train")
+_register("head", "efficiency.peft.selective",
+          "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution "
+          "(Kumar et al., ICLR 2022): linear probing",
+          "adapter: {kind: head}", "only the classifier head trains (linear probing)")
+_register("full", "efficiency.peft.full", "",
+          "adapter: {kind: full}", "every weight trains and is communicated (the baseline)")

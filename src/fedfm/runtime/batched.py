@@ -40,6 +40,7 @@ from fedfm.algorithms.local_train import LocalTrainer
 from fedfm.core.client_store import ClientStore
 from fedfm.core.loop import ClientOutcome, EvalReport
 from fedfm.core.registries import RUNTIMES
+from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast
 from fedfm.models.adapters import trainable_names
@@ -174,7 +175,12 @@ def client_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: 
 # --------------------------------------------------------------------------- the runtime
 
 
-@RUNTIMES.register("batched")
+@RUNTIMES.register("batched", MethodInfo(
+    "efficiency.systems.runtime",
+    "S-LoRA: Serving Thousands of Concurrent LoRA Adapters (Sheng et al., MLSys 2024) -- "
+    "the batched multi-adapter computation, here for training",
+    "runtime: {kind: batched, clients_per_pass: 8}",
+    "K clients' LoRA adapters stacked; the frozen base runs once over all their batches"))
 class BatchedRuntime:
     def __init__(self, workload: Workload, client_store: ClientStore) -> None:
         self.workload = workload

@@ -16,6 +16,7 @@ from fedfm.core.algorithm import ClientContext
 from fedfm.core.client_store import ClientStore
 from fedfm.core.loop import ClientOutcome, EvalReport, derive_seed
 from fedfm.core.registries import RUNTIMES
+from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast
 from fedfm.runtime.workload import Workload
@@ -23,7 +24,10 @@ from fedfm.runtime.workload import Workload
 _CLIENT_STREAM = 3  # keeps client seeds apart from sampling (1) and dropout (2) streams
 
 
-@RUNTIMES.register("local")
+@RUNTIMES.register("local", MethodInfo(
+    "efficiency.systems.runtime", "",
+    "runtime: {kind: local, precision: bf16, compile: true}",
+    "one process, one base model; clients run in turn by swapping their small State"))
 class LocalRuntime:
     def __init__(self, workload: Workload, client_store: ClientStore) -> None:
         self.workload = workload
