@@ -121,3 +121,20 @@ def test_run_result_history_and_dataframe(cls_config) -> None:
     frame = result.to_pandas()
     assert isinstance(frame, pd.DataFrame) and list(frame.index) == [1, 2]
     assert frame.loc[2, "bytes_up"] == result.metrics[1]["bytes_up"]
+
+
+def test_console_line_shows_metrics_bytes_and_phases() -> None:
+    from rich.console import Console
+
+    from fedfm.tracking.console import ConsoleProgress
+
+    console = Console(record=True, width=200)
+    progress = ConsoleProgress(total_rounds=2, console=console)
+    progress.on_round_end({"round": 1, "train_loss": 0.5, "selected": [0, 1, 2],
+                           "completed": [0, 2], "bytes_up": 3 * 2**20, "bytes_down": 2048,
+                           "eval": {"global": {"accuracy": 0.75}},
+                           "wall_time": {"clients": 1.5, "aggregate": 0.02, "eval": 0.25}})
+    text = console.export_text()
+    for part in ("round 1:", "train_loss=0.5", "val_accuracy=0.75", "clients=2/3",
+                 "up=3.0MiB", "down=2.0KiB", "train=1.50s", "agg=0.02s", "eval=0.25s"):
+        assert part in text, part

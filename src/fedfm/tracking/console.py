@@ -1,5 +1,6 @@
 """Console output with rich: a progress bar over rounds, one over the clients of the current
-round, one line per finished round, and a one-screen summary at the end."""
+round, one line per finished round (train loss, global metrics, worst-10% clients, clients
+completed, bytes up / down, time per phase), and a one-screen summary at the end."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f}{unit}" if unit == "B" else f"{count:.1f}{unit}"
+        count /= 1024
+    return f"{count:.1f}GiB"
 
 
 def headline_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -63,7 +72,16 @@ class ConsoleProgress:
     def on_round_end(self, record: dict[str, Any]) -> None:
         round_index = record.get("round", 0)
         shown = "  ".join(f"{k}={_fmt(v)}" for k, v in headline_metrics(record).items())
-        self.progress.console.print(f"round {round_index}: {shown}", markup=False)
+        line = f"round {round_index}: {shown}"
+        if "bytes_up" in record:
+            line += (f"  clients={len(record.get('completed', []))}/"
+                     f"{len(record.get('selected', []))}  up={_bytes(record['bytes_up'])}"
+                     f"  down={_bytes(record.get('bytes_down', 0))}")
+        phases = record.get("wall_time", {})
+        if phases:
+            line += "  time " + " ".join(f"{name}={phases.get(key, 0.0):.2f}s" for key, name in (
+                ("clients", "train"), ("aggregate", "agg"), ("eval", "eval")))
+        self.progress.console.print(line, markup=False)
         if round_index > 0:
             self.progress.advance(self.rounds_task)
 
