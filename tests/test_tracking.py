@@ -91,6 +91,12 @@ def test_missing_sink_package_fails_before_loading(cls_config, monkeypatch) -> N
                         lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(ConfigError, match=r"tracking.mlflow: true needs the mlflow package"):
         api.check_components(cls_config(tracking={"mlflow": True}))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs the sqlalchemy package"):
+        api.check_components(cls_config(tracking={"mlflow": True}))
+    api.check_components(cls_config(tracking={"mlflow": True,  # a server needs no sqlalchemy
+                                              "mlflow_tracking_uri": "http://127.0.0.1:5000"}))
 
 
 def test_resumed_run_continues_the_same_mlflow_run(cls_config) -> None:

@@ -81,7 +81,8 @@ def check_components(config: RunConfig) -> None:
     _check_task(config)
     from fedfm.tracking.sinks import check_sink_packages
 
-    check_sink_packages(config.tracking.tensorboard, config.tracking.mlflow)
+    check_sink_packages(config.tracking.tensorboard, config.tracking.mlflow,
+                        config.tracking.mlflow_tracking_uri)
     for registry, value, path in (
         (ALGORITHMS, config.algorithm.name, "algorithm.name"),
         (SERVER_OPTIMIZERS, config.algorithm.server_optimizer.name,

@@ -39,13 +39,16 @@ def flatten_record(record: Mapping[str, Any], prefix: str = "") -> dict[str, flo
     return flat
 
 
-def check_sink_packages(tensorboard: bool, mlflow: bool) -> None:
+def check_sink_packages(tensorboard: bool, mlflow: bool, mlflow_uri: str | None = None) -> None:
     """Fail at config time, before any model loads, when a sink's package is missing."""
     import importlib.util
 
-    for wanted, package, extra in ((tensorboard, "tensorboard", "tensorboard"),
-                                   (mlflow, "mlflow", "mlflow")):
-        if wanted and importlib.util.find_spec(package) is None:
+    wanted = [(tensorboard, "tensorboard", "tensorboard"), (mlflow, "mlflow", "mlflow")]
+    if mlflow and (mlflow_uri is None or mlflow_uri.startswith("sqlite")):
+        # the default store is sqlite, which MLflow reaches through sqlalchemy + alembic
+        wanted += [(True, "sqlalchemy", "mlflow"), (True, "alembic", "mlflow")]
+    for needed, package, extra in wanted:
+        if needed and importlib.util.find_spec(package) is None:
             raise ConfigError(f"invalid config: tracking.{extra}: true needs the {package} "
                               f"package (pip install 'fedfm[{extra}]')")
 
