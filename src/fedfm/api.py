@@ -31,7 +31,7 @@ from fedfm.core.client_store import (
     TieredClientStore,
 )
 from fedfm.core.loop import LoopSettings, LoopSnapshot, RoundLoop, Runtime
-from fedfm.core.registries import ALGORITHMS, RUNTIMES, SERVER_OPTIMIZERS
+from fedfm.core.registries import ALGORITHMS, PRIVACY, RUNTIMES, SERVER_OPTIMIZERS
 from fedfm.core.state import State
 from fedfm.tracking import ConsoleProgress, MetricsFileSink, RunDirectory, summary_table
 
@@ -68,6 +68,7 @@ def _register_components() -> None:
     """Importing these packages fills the registries."""
     import fedfm.algorithms  # noqa: F401
     import fedfm.runtime  # noqa: F401
+    import fedfm.trust.privacy  # noqa: F401
 
 
 def check_components(config: RunConfig) -> None:
@@ -123,7 +124,10 @@ def seed_everything(seed: int) -> None:
 def build_algorithm(config: RunConfig) -> Algorithm:
     _register_components()
     factory = ALGORITHMS.get(config.algorithm.name)
-    return factory(config.algorithm, config.federation.num_clients)
+    algorithm = factory(config.algorithm, config.federation.num_clients)
+    if config.privacy.client_dp is not None:
+        algorithm = PRIVACY.get("client_dp")(algorithm, config)
+    return algorithm
 
 
 def build_client_store(config: RunConfig, run_dir: Path | None) -> ClientStore:
@@ -265,7 +269,9 @@ def _drive(config: RunConfig, algorithm: Algorithm, runtime: Runtime,
         sample_size=config.federation.sample_size(), rounds=config.federation.rounds,
         dropout_prob=config.federation.dropout_prob, eval_every=config.eval.every,
         eval_enabled=config.eval.enabled,
-        eval_at_start=config.eval.at_start, per_client_eval=config.eval.per_client)
+        eval_at_start=config.eval.at_start, per_client_eval=config.eval.per_client,
+        sampling=(config.privacy.client_dp.sampling if config.privacy.client_dp is not None
+                  else "fixed"))
 
     sinks = build_sinks(config, run_dir)
 
@@ -355,7 +361,20 @@ def build_summary(config: RunConfig, run_dir: RunDirectory, final: LoopSnapshot,
         "bytes_up": int(final.totals.get("bytes_up", 0)),
         "bytes_down": int(final.totals.get("bytes_down", 0)),
         "final_metrics": final_metrics,
+        "privacy": _privacy_summary(config, metrics),
         "speed": workload.speed.as_dict(),
         "final_state": str(run_dir.final_dir / "global.safetensors"),
         "run_dir": str(run_dir.path),
     }
+
+
+def _privacy_summary(config: RunConfig, metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The budget spent by the whole run (the last round's accountant report)."""
+    if config.privacy.client_dp is None:
+        return None
+    spent = next((r["privacy"] for r in reversed(metrics) if "privacy" in r), {})
+    accounted = sum(1 for r in metrics if "privacy" in r)
+    return {"mechanism": "client_dp", "epsilon": spent.get("epsilon"),
+            "delta": spent.get("delta"), "noise_multiplier": spent.get("noise_multiplier"),
+            "rounds_accounted": accounted, "final_clip_norm": spent.get("next_clip_norm"),
+            "config": config.privacy.client_dp.model_dump(mode="json")}

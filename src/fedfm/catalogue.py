@@ -73,16 +73,19 @@ def registries() -> list[Registry[Any]]:
     import fedfm.algorithms  # noqa: F401  (registers algorithms, server optimizers, ...)
     import fedfm.models  # noqa: F401  (registers adapters)
     import fedfm.runtime  # noqa: F401  (registers runtimes)
+    import fedfm.trust.privacy  # noqa: F401  (registers privacy mechanisms)
     from fedfm.core.registries import (
         ADAPTERS,
         AGGREGATORS,
         ALGORITHMS,
+        PRIVACY,
         RUNTIMES,
         SERVER_OPTIMIZERS,
     )
     from fedfm.data.partition import PARTITIONERS
 
-    return [ADAPTERS, ALGORITHMS, SERVER_OPTIMIZERS, AGGREGATORS, PARTITIONERS, RUNTIMES]
+    return [ADAPTERS, ALGORITHMS, SERVER_OPTIMIZERS, AGGREGATORS, PARTITIONERS, PRIVACY,
+            RUNTIMES]
 
 
 class CatalogueError(RuntimeError):

@@ -308,6 +308,58 @@ class TrackingConfig(_Section):
     mlflow_experiment: str = Field(default="fedfm", min_length=1)
 
 
+# --------------------------------------------------------------------------- privacy
+
+
+class AdaptiveClipConfig(_Section):
+    """Quantile-based adaptive clipping (Andrew et al., NeurIPS 2021): the clip norm follows the
+    ``target_quantile`` of the clients' update norms, estimated privately each round."""
+
+    target_quantile: float = Field(default=0.5, gt=0.0, lt=1.0)
+    learning_rate: float = Field(default=0.2, gt=0.0)  # geometric step: C *= exp(-lr (b - q))
+    # noise on the count of unclipped clients; None: max(expected clients per round / 20 (the
+    # paper's choice), noise_multiplier)
+    count_noise_multiplier: float | None = Field(default=None, gt=0.0)
+
+
+class ClientDPConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg; McMahan et al., ICLR 2018): each client's
+    update is clipped to ``clip_norm`` in L2, Gaussian noise of std ``noise_multiplier *
+    clip_norm`` is added to their sum (by the server: ``central``; in shares by the clients:
+    ``distributed``, for secure aggregation), and the sum is divided by the expected number of
+    clients. A dp-accounting accountant tracks epsilon at ``delta`` round by round."""
+
+    noise: Literal["central", "distributed"] = "central"
+    clip_norm: float = Field(default=1.0, gt=0.0)  # the initial norm when adaptive_clip is set
+    adaptive_clip: AdaptiveClipConfig | None = None
+    noise_multiplier: float | None = Field(default=None, ge=0.0)
+    target_epsilon: float | None = Field(default=None, gt=0.0)  # calibrates noise_multiplier
+    delta: float | None = Field(default=None, gt=0.0, lt=1.0)  # None: 1 / num_clients^1.1
+    # poisson: each client joins a round independently with prob clients_per_round/num_clients
+    # (what the accountant assumes); fixed: exactly clients_per_round (replace-one accounting)
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    accountant: Literal["rdp", "pld"] = "rdp"
+    # false: the noise is seeded from (seed, round, client) so simulations reproduce; true:
+    # drawn from the OS's CSPRNG, as a deployment must
+    secure_noise: bool = False
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> ClientDPConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy.client_dp: set exactly one of noise_multiplier and "
+                             "target_epsilon")
+        if self.accountant == "pld" and self.sampling != "poisson":
+            raise ValueError("privacy.client_dp: the pld accountant supports poisson sampling "
+                             "only (use accountant: rdp for fixed-size sampling)")
+        return self
+
+
+class PrivacyConfig(_Section):
+    """Privacy mechanisms of the run (none by default)."""
+
+    client_dp: ClientDPConfig | None = None
+
+
 class RunConfig(_Section):
     """A whole federated run."""
 
@@ -321,12 +373,22 @@ class RunConfig(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         if self.adapter.kind == "head" and self.data.format != "classification":
             raise ValueError("adapter.kind: 'head' needs data.format 'classification' "
                              f"(got {self.data.format!r})")
+        dp = self.privacy.client_dp
+        if dp is not None and self.algorithm.name == "scaffold":
+            raise ValueError("privacy.client_dp cannot be combined with algorithm scaffold: its "
+                             "control-variate updates would leak client data unclipped and "
+                             "unnoised (use fedavg, fedprox or a FedOpt server optimizer)")
+        if dp is not None and dp.noise == "distributed" and dp.sampling != "fixed":
+            raise ValueError("privacy.client_dp.noise: 'distributed' needs sampling: 'fixed' "
+                             "(each client's noise share is sized by the known number of "
+                             "clients per round)")
         return self
 
     def config_hash(self) -> str:

@@ -42,6 +42,13 @@ def sample_clients(seed: int, round: int, num_clients: int, sample_size: int) ->
     return sorted(int(i) for i in rng.choice(num_clients, size=sample_size, replace=False))
 
 
+def sample_clients_poisson(seed: int, round: int, num_clients: int, rate: float) -> list[int]:
+    """Each client joins independently with probability ``rate`` (what DP accounting with
+    Poisson sampling assumes); sorted ids, possibly none."""
+    rng = np.random.default_rng([seed, round, _SAMPLING])
+    return [int(i) for i in np.flatnonzero(rng.random(num_clients) < rate)]
+
+
 def simulate_dropouts(seed: int, round: int, client_ids: list[int], prob: float) -> set[int]:
     """Each selected client independently drops out with probability ``prob``."""
     if prob <= 0.0:
@@ -116,6 +123,7 @@ class LoopSettings:
     eval_enabled: bool = True
     eval_at_start: bool = False
     per_client_eval: bool = True
+    sampling: str = "fixed"  # fixed: sample_size clients; poisson: each with sample_size / n
 
 
 FairnessFn = Callable[[Mapping[int, Mapping[str, float]]], dict[str, float]]
@@ -149,8 +157,12 @@ class RoundLoop:
         settings = self.settings
         round_index = snapshot.round + 1
         round_start = time.perf_counter()
-        selected = sample_clients(settings.seed, round_index, settings.num_clients,
-                                  settings.sample_size)
+        if settings.sampling == "poisson":
+            selected = sample_clients_poisson(settings.seed, round_index, settings.num_clients,
+                                              settings.sample_size / settings.num_clients)
+        else:
+            selected = sample_clients(settings.seed, round_index, settings.num_clients,
+                                      settings.sample_size)
         dropped = simulate_dropouts(settings.seed, round_index, selected, settings.dropout_prob)
         for observer in self.observers:
             observer.on_round_start(round_index, selected)
@@ -178,11 +190,14 @@ class RoundLoop:
         aggregate_start = time.perf_counter()
         updates = [o.update for o in outcomes if o.status == "ok" and o.update is not None]
         new_global = snapshot.global_state
-        if updates:
+        if updates or getattr(self.server, "aggregates_empty_rounds", False):
             new_global = self.server.aggregate(snapshot.global_state, updates, round_index)
         aggregate_time = time.perf_counter() - aggregate_start
 
         record = self._round_record(round_index, selected, outcomes, updates)
+        round_metrics = getattr(self.server, "round_metrics", None)
+        if round_metrics is not None:  # e.g. the privacy budget spent so far
+            record.update(round_metrics())
         eval_time = 0.0
         if self._is_eval_round(round_index):
             eval_start = time.perf_counter()

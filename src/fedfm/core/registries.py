@@ -18,5 +18,8 @@ AGGREGATORS: Registry[Any] = Registry("aggregator")
 ADAPTERS: Registry[Any] = Registry("adapter")
 """name -> ``(bundle, AdapterConfig, seed) -> torch.nn.Module`` (the adapted model)."""
 
+PRIVACY: Registry[Any] = Registry("privacy mechanism")
+"""name -> ``(Algorithm, RunConfig) -> Algorithm`` wrapping both halves with the mechanism."""
+
 RUNTIMES: Registry[Any] = Registry("runtime")
 """name -> factory ``(workload, config, client_store) -> core.loop.Runtime``."""

@@ -116,19 +116,25 @@ def _data(record: RunRecord) -> dict[str, Any]:
 
 
 def _privacy(record: RunRecord, round_index: int) -> dict[str, Any]:
-    section = record.config.model_dump(mode="json").get("privacy")
-    if not section:
+    client_dp = record.config.privacy.client_dp
+    if client_dp is None:
         return {"differential_privacy": False, "secure_aggregation": False,
                 "note": "no privacy mechanism was configured for this run"}
     budget = [r["privacy"] for r in record.metrics
               if "privacy" in r and int(r.get("round", 0)) <= round_index]
-    return {**section, "budget_at_round": budget[-1] if budget else None}
+    return {"differential_privacy": "client-level (DP-FedAvg)", "secure_aggregation": False,
+            "client_dp": client_dp.model_dump(mode="json"),
+            "budget_at_round": budget[-1] if budget else None}
 
 
 def _robustness(record: RunRecord) -> dict[str, Any]:
     dumped = record.config.model_dump(mode="json")
     if dumped.get("robustness"):
         return dumped["robustness"]
+    if record.config.privacy.client_dp is not None:
+        return {"aggregator": "DP-FedAvg: sum of clipped updates plus Gaussian noise, divided "
+                              "by the expected number of clients", "byzantine_robust": False,
+                "attacks_simulated": None}
     weighting = record.config.algorithm.weighting
     return {"aggregator": f"mean weighted by {weighting}", "byzantine_robust": False,
             "attacks_simulated": None}
@@ -211,7 +217,12 @@ def _steps(local: dict[str, Any]) -> str:
 def _privacy_text(privacy: dict[str, Any]) -> str:
     if privacy.get("differential_privacy") is False:
         return "none (no differential privacy, no secure aggregation)"
-    return ", ".join(f"{k}={v}" for k, v in privacy.items())
+    budget = privacy.get("budget_at_round") or {}
+    dp = privacy.get("client_dp") or {}
+    spent = (f"(epsilon={budget['epsilon']:.3g}, delta={budget['delta']:.3g})"
+             if "epsilon" in budget else "(no round accounted)")
+    return (f"{privacy['differential_privacy']} {spent}, noise {dp.get('noise')}, "
+            f"{dp.get('sampling')} client sampling, {dp.get('accountant')} accountant")
 
 
 def _robustness_text(robustness: dict[str, Any]) -> str:

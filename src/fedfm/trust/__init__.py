@@ -1,0 +1,1 @@
+"""Trustworthiness: privacy (differential privacy, accounting) and, later, robustness and IP."""

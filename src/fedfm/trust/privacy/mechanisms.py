@@ -1,0 +1,43 @@
+"""Registered privacy mechanisms: each wraps an algorithm's two halves."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fedfm.config import ConfigError, RunConfig
+from fedfm.core.algorithm import Algorithm
+from fedfm.core.registries import PRIVACY
+from fedfm.core.registry import MethodInfo
+from fedfm.trust.privacy.accountant import SamplingModel, default_delta
+from fedfm.trust.privacy.client_dp import DPClient, DPServer, resolve_noise_multiplier
+
+
+@PRIVACY.register("client_dp", MethodInfo(
+    "trust.privacy.dp",
+    "Learning Differentially Private Recurrent Language Models (McMahan et al., ICLR 2018); "
+    "adaptive clipping: Differentially Private Learning with Adaptive Clipping (Andrew et al., "
+    "NeurIPS 2021)",
+    "privacy: {client_dp: {clip_norm: 0.1, target_epsilon: 8.0, adaptive_clip: "
+    "{target_quantile: 0.5}}}",
+    "DP-FedAvg: per-client clipping, Gaussian noise (central or distributed), dp-accounting"))
+def apply_client_dp(algorithm: Algorithm, config: RunConfig) -> Algorithm:
+    cfg = config.privacy.client_dp
+    assert cfg is not None
+    server: Any = algorithm.server
+    optimizer = getattr(server, "optimizer", None)
+    if optimizer is None or getattr(server, "aggregator", None) is None:
+        raise ConfigError(f"invalid config: privacy.client_dp needs an algorithm that averages "
+                          f"deltas and applies a server optimizer; {algorithm.name!r} does not")
+    federation = config.federation
+    sampling = SamplingModel(cfg.sampling, federation.num_clients, federation.sample_size())
+    delta = cfg.delta if cfg.delta is not None else default_delta(federation.num_clients)
+    noise = resolve_noise_multiplier(cfg, sampling, federation.rounds, delta)
+    try:
+        dp_server = DPServer(optimizer, cfg, sampling, noise, delta, config.seed)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
+    info = {**algorithm.info, "client_dp": {"noise_multiplier": noise, "delta": delta,
+                                            "sampling": cfg.sampling}}
+    return dataclasses.replace(algorithm, client=DPClient(algorithm.client, cfg),
+                               server=dp_server, info=info)
