@@ -224,8 +224,8 @@ def test_end_to_end_budget_in_metrics_summary_card_and_resume(cls_config) -> Non
     noise = result.metrics[0]["privacy"]["noise_multiplier"]
     sampling = SamplingModel("poisson", 10, 4)
     assert spent[-1] == pytest.approx(epsilon_for(sampling, noise, 3, 1e-3), rel=1e-9)
-    assert result.summary["privacy"]["epsilon"] == spent[-1]
-    assert result.summary["privacy"]["rounds_accounted"] == 3
+    assert result.summary["privacy"]["client_dp"]["epsilon"] == spent[-1]
+    assert result.summary["privacy"]["client_dp"]["rounds_accounted"] == 3
     card = export_run(result.run_dir, "peft").provenance
     assert card["privacy"]["budget_at_round"]["epsilon"] == spent[-1]
     assert card["privacy"]["client_dp"]["target_epsilon"] == 6.0

@@ -125,6 +125,8 @@ def build_algorithm(config: RunConfig) -> Algorithm:
     _register_components()
     factory = ALGORITHMS.get(config.algorithm.name)
     algorithm = factory(config.algorithm, config.federation.num_clients)
+    if config.privacy.dp_sgd is not None:  # inside: it replaces the local training
+        algorithm = PRIVACY.get("dp_sgd")(algorithm, config)
     if config.privacy.client_dp is not None:
         algorithm = PRIVACY.get("client_dp")(algorithm, config)
     return algorithm
@@ -369,12 +371,25 @@ def build_summary(config: RunConfig, run_dir: RunDirectory, final: LoopSnapshot,
 
 
 def _privacy_summary(config: RunConfig, metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The budget spent by the whole run (the last round's accountant report)."""
-    if config.privacy.client_dp is None:
+    """The budget spent by the whole run: client-level (the last round's accountant report)
+    and sample-level (each client's latest DP-SGD epsilon, and the largest)."""
+    privacy = config.privacy
+    if privacy.client_dp is None and privacy.dp_sgd is None:
         return None
-    spent = next((r["privacy"] for r in reversed(metrics) if "privacy" in r), {})
-    accounted = sum(1 for r in metrics if "privacy" in r)
-    return {"mechanism": "client_dp", "epsilon": spent.get("epsilon"),
-            "delta": spent.get("delta"), "noise_multiplier": spent.get("noise_multiplier"),
-            "rounds_accounted": accounted, "final_clip_norm": spent.get("next_clip_norm"),
-            "config": config.privacy.client_dp.model_dump(mode="json")}
+    found: dict[str, Any] = {}
+    if privacy.client_dp is not None:
+        spent = next((r["privacy"] for r in reversed(metrics) if "privacy" in r), {})
+        found["client_dp"] = {
+            "epsilon": spent.get("epsilon"), "delta": spent.get("delta"),
+            "noise_multiplier": spent.get("noise_multiplier"),
+            "rounds_accounted": sum(1 for r in metrics if "privacy" in r),
+            "final_clip_norm": spent.get("next_clip_norm"),
+            "config": privacy.client_dp.model_dump(mode="json")}
+    if privacy.dp_sgd is not None:
+        from fedfm.trust.privacy.dp_sgd import dp_sgd_budgets
+
+        per_client = dp_sgd_budgets(metrics)
+        found["dp_sgd"] = {"max_client_epsilon": max(per_client.values(), default=0.0),
+                           "client_epsilon": per_client,
+                           "config": privacy.dp_sgd.model_dump(mode="json")}
+    return found

@@ -354,10 +354,22 @@ class ClientDPConfig(_Section):
         return self
 
 
+class DPSGDConfig(_Section):
+    """Sample-level DP-SGD in each client's local training (Abadi et al., CCS 2016): Poisson
+    sampling of the client's examples at rate batch_size / n, per-example clipping of the
+    adapter's gradients, Gaussian noise; epsilon is accounted per client."""
+
+    noise_multiplier: float = Field(ge=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)  # per-example L2 clip
+    delta: float | None = Field(default=None, gt=0.0, lt=1.0)  # None: 1e-5 (< 1/n up to 1e5 rows)
+    secure_noise: bool = False  # true: noise from the OS CSPRNG instead of the run's seed
+
+
 class PrivacyConfig(_Section):
-    """Privacy mechanisms of the run (none by default)."""
+    """Privacy mechanisms of the run (none by default); they compose."""
 
     client_dp: ClientDPConfig | None = None
+    dp_sgd: DPSGDConfig | None = None
 
 
 class RunConfig(_Section):
@@ -385,6 +397,13 @@ class RunConfig(_Section):
             raise ValueError("privacy.client_dp cannot be combined with algorithm scaffold: its "
                              "control-variate updates would leak client data unclipped and "
                              "unnoised (use fedavg, fedprox or a FedOpt server optimizer)")
+        if self.privacy.dp_sgd is not None and self.algorithm.local.grad_accum != 1:
+            raise ValueError("privacy.dp_sgd needs algorithm.local.grad_accum: 1 (each step "
+                             "is one Poisson-sampled batch)")
+        if self.privacy.dp_sgd is not None and self.algorithm.local.packing:
+            raise ValueError("privacy.dp_sgd cannot be combined with algorithm.local.packing: "
+                             "a packed row holds several examples, so clipping per row would "
+                             "not bound any one example's influence")
         if dp is not None and dp.noise == "distributed" and dp.sampling != "fixed":
             raise ValueError("privacy.client_dp.noise: 'distributed' needs sampling: 'fixed' "
                              "(each client's noise share is sized by the known number of "

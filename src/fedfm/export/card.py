@@ -116,15 +116,28 @@ def _data(record: RunRecord) -> dict[str, Any]:
 
 
 def _privacy(record: RunRecord, round_index: int) -> dict[str, Any]:
-    client_dp = record.config.privacy.client_dp
-    if client_dp is None:
+    privacy = record.config.privacy
+    if privacy.client_dp is None and privacy.dp_sgd is None:
         return {"differential_privacy": False, "secure_aggregation": False,
                 "note": "no privacy mechanism was configured for this run"}
-    budget = [r["privacy"] for r in record.metrics
-              if "privacy" in r and int(r.get("round", 0)) <= round_index]
-    return {"differential_privacy": "client-level (DP-FedAvg)", "secure_aggregation": False,
-            "client_dp": client_dp.model_dump(mode="json"),
-            "budget_at_round": budget[-1] if budget else None}
+    upto = [r for r in record.metrics if int(r.get("round", 0)) <= round_index]
+    found: dict[str, Any] = {"secure_aggregation": False}
+    kinds = []
+    if privacy.client_dp is not None:
+        kinds.append("client-level (DP-FedAvg)")
+        budget = [r["privacy"] for r in upto if "privacy" in r]
+        found["client_dp"] = privacy.client_dp.model_dump(mode="json")
+        found["budget_at_round"] = budget[-1] if budget else None
+    if privacy.dp_sgd is not None:
+        from fedfm.trust.privacy.dp_sgd import dp_sgd_budgets
+
+        kinds.append("sample-level (DP-SGD on clients)")
+        per_client = dp_sgd_budgets(upto)
+        found["dp_sgd"] = privacy.dp_sgd.model_dump(mode="json")
+        found["dp_sgd_client_epsilon"] = per_client
+        found["dp_sgd_max_client_epsilon"] = max(per_client.values(), default=0.0)
+    found["differential_privacy"] = " and ".join(kinds)
+    return found
 
 
 def _robustness(record: RunRecord) -> dict[str, Any]:
@@ -217,12 +230,19 @@ def _steps(local: dict[str, Any]) -> str:
 def _privacy_text(privacy: dict[str, Any]) -> str:
     if privacy.get("differential_privacy") is False:
         return "none (no differential privacy, no secure aggregation)"
-    budget = privacy.get("budget_at_round") or {}
-    dp = privacy.get("client_dp") or {}
-    spent = (f"(epsilon={budget['epsilon']:.3g}, delta={budget['delta']:.3g})"
-             if "epsilon" in budget else "(no round accounted)")
-    return (f"{privacy['differential_privacy']} {spent}, noise {dp.get('noise')}, "
-            f"{dp.get('sampling')} client sampling, {dp.get('accountant')} accountant")
+    parts = []
+    if "client_dp" in privacy:
+        budget = privacy.get("budget_at_round") or {}
+        dp = privacy["client_dp"]
+        spent = (f"epsilon={budget['epsilon']:.3g} at delta={budget['delta']:.3g}"
+                 if "epsilon" in budget else "no round accounted")
+        parts.append(f"client-level DP-FedAvg ({spent}; {dp.get('noise')} noise, "
+                     f"{dp.get('sampling')} client sampling, {dp.get('accountant')} accountant)")
+    if "dp_sgd" in privacy:
+        parts.append(f"sample-level DP-SGD (largest client epsilon "
+                     f"{privacy['dp_sgd_max_client_epsilon']:.3g}, noise multiplier "
+                     f"{privacy['dp_sgd']['noise_multiplier']})")
+    return "; ".join(parts)
 
 
 def _robustness_text(robustness: dict[str, Any]) -> str:

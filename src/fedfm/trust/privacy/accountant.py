@@ -85,14 +85,14 @@ class ClientLevelAccountant:
         if any(z <= 0 for z in self.noise_history):
             return math.inf
         accountant = make_accountant(self.kind, self.sampling.kind)
-        with _quiet_absl():
+        with quiet_absl():
             for noise, count in _runs(self.noise_history):
                 accountant.compose(self.sampling.event(noise), count)
             return float(accountant.get_epsilon(self.delta))
 
 
 @contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
+def quiet_absl() -> Iterator[None]:
     """dp-accounting logs a warning for every RDP order whose series does not converge (the
     order is then left out, which only makes epsilon conservative); keep runs' logs readable."""
     logger = logging.getLogger("absl")
@@ -128,7 +128,7 @@ def calibrate_noise_multiplier(sampling: SamplingModel, target_epsilon: float, r
     def make_event(noise: float) -> dp_accounting.DpEvent:
         return dp_accounting.SelfComposedDpEvent(sampling.event(noise), rounds)
 
-    with _quiet_absl():
+    with quiet_absl():
         return float(dp_accounting.calibrate_dp_mechanism(
             lambda: make_accountant(kind, sampling.kind), make_event, target_epsilon, delta,
             dp_accounting.ExplicitBracketInterval(1e-3, 1e3), tol=1e-4))

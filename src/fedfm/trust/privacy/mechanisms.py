@@ -41,3 +41,24 @@ def apply_client_dp(algorithm: Algorithm, config: RunConfig) -> Algorithm:
                                             "sampling": cfg.sampling}}
     return dataclasses.replace(algorithm, client=DPClient(algorithm.client, cfg),
                                server=dp_server, info=info)
+
+
+@PRIVACY.register("dp_sgd", MethodInfo(
+    "trust.privacy.dp",
+    "Deep Learning with Differential Privacy (Abadi et al., CCS 2016)",
+    "privacy: {dp_sgd: {noise_multiplier: 1.0, max_grad_norm: 1.0}}",
+    "sample-level DP-SGD on each client: per-example clipping of adapter gradients, noise, "
+    "per-client accounting"))
+def apply_dp_sgd(algorithm: Algorithm, config: RunConfig) -> Algorithm:
+    from fedfm.trust.privacy.dp_sgd import DPSGDClient
+
+    cfg = config.privacy.dp_sgd
+    assert cfg is not None
+    client: Any = algorithm.client
+    if not all(hasattr(client, name) for name in ("local", "grad_hook", "finish")):
+        raise ConfigError(f"invalid config: privacy.dp_sgd needs a delta-based client half "
+                          f"(fedavg, fedprox, scaffold, FedOpt); {algorithm.name!r} is not one")
+    delta = cfg.delta if cfg.delta is not None else 1e-5
+    info = {**algorithm.info, "dp_sgd": {"noise_multiplier": cfg.noise_multiplier,
+                                         "delta": delta}}
+    return dataclasses.replace(algorithm, client=DPSGDClient(client, cfg, delta), info=info)
