@@ -1,0 +1,1 @@
+"""Secure aggregation (SecAgg+): a transport-independent protocol and its in-process driver."""
