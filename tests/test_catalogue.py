@@ -39,6 +39,9 @@ def test_each_config_snippet_enables_its_method(entry) -> None:
     if entry.registry == "privacy mechanism":
         assert config["privacy"][entry.name] is not None
         return
+    if entry.name == "secure_mean":  # chosen by privacy.secure_aggregation
+        assert config["privacy"]["secure_aggregation"] is not None
+        return
     if entry.registry == "aggregator":  # chosen through the algorithm's weighting today
         assert config["algorithm"]["weighting"] == "examples"
         return

@@ -110,3 +110,65 @@ def test_graph_is_regular_and_includes_self() -> None:
     graph = neighbourhood_graph(list(range(50)), 10, seed=4)
     assert all(len(nbrs) == 11 and u in nbrs for u, nbrs in graph.items())
     assert all(u in graph[v] for u, nbrs in graph.items() for v in nbrs)  # symmetric
+
+
+# --------------------------------------------------------------------------- in a federated run
+
+
+def test_secure_fedavg_equals_plain_fedavg_up_to_fixed_point(cls_config) -> None:
+    from fedfm import api
+    from fedfm.core import state as S
+
+    fed = {"num_clients": 8, "clients_per_round": 5, "rounds": 2}
+    plain = api.run(cls_config(federation=fed))
+    secure = api.run(cls_config(federation=fed, privacy={"secure_aggregation": {}}))
+    assert S.max_abs_diff(plain.final_state, secure.final_state) < 1e-5
+    report = secure.metrics[-1]["secure_aggregation"]
+    assert report["survived"] == 5 and report["bytes_up_per_client"] > 0
+
+
+def test_distributed_dp_with_secure_aggregation_end_to_end(cls_config) -> None:
+    from fedfm import api
+    from fedfm.core import state as S
+
+    fed = {"num_clients": 10, "clients_per_round": 6, "rounds": 3}
+    dp = {"noise_multiplier": 0.0, "clip_norm": 0.5, "noise": "distributed",
+          "sampling": "fixed"}
+    clear = api.run(cls_config(federation=fed, privacy={"client_dp": dp}))
+    hidden = api.run(cls_config(federation=fed, privacy={
+        "client_dp": dp, "secure_aggregation": {"degree": 5, "threshold": 4}}))
+    # without noise, the secure sum is the clear sum up to the fixed-point grid
+    assert S.max_abs_diff(clear.final_state, hidden.final_state) < 1e-5
+    noisy = api.run(cls_config(federation=fed, privacy={
+        "client_dp": {**dp, "noise_multiplier": 0.8},
+        "secure_aggregation": {"degree": 5, "threshold": 4, "simulate_dropout_prob": 0.2}}))
+    for record in noisy.metrics:
+        arrived = record["secure_aggregation"]["survived"]
+        assert record["privacy"]["clients_aggregated"] == arrived
+        # the accountant is told the noise the surviving shares really carried
+        assert record["privacy"]["noise_multiplier"] == pytest.approx(0.8 * (arrived / 6) ** 0.5)
+    assert any(r["secure_aggregation"]["dropped_in_protocol"] > 0 for r in noisy.metrics)
+
+
+def test_a_round_with_too_many_protocol_dropouts_is_aborted_not_wrong(cls_config) -> None:
+    from fedfm import api
+
+    result = api.run(cls_config(
+        federation={"num_clients": 6, "clients_per_round": 6, "rounds": 2},
+        privacy={"secure_aggregation": {"degree": 5, "threshold": 5,
+                                        "simulate_dropout_prob": 0.6}}))
+    aborted = [r for r in result.metrics if "aborted" in r]
+    assert aborted
+    assert ("too many dropouts" in aborted[0]["aborted"]
+            or "below the threshold" in aborted[0]["aborted"])
+    assert "secure_aggregation" not in aborted[0]
+
+
+def test_secure_aggregation_compatibility_rules(cls_config) -> None:
+    from fedfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot be combined with algorithm scaffold"):
+        cls_config(algorithm={"name": "scaffold", "local": {"optimizer": "sgd"}},
+                   privacy={"secure_aggregation": {}})
+    with pytest.raises(ConfigError, match="must be a majority"):
+        cls_config(privacy={"secure_aggregation": {"degree": 10, "threshold": 5}})

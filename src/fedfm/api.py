@@ -68,7 +68,7 @@ def _register_components() -> None:
     """Importing these packages fills the registries."""
     import fedfm.algorithms  # noqa: F401
     import fedfm.runtime  # noqa: F401
-    import fedfm.trust.privacy  # noqa: F401
+    import fedfm.trust  # noqa: F401
 
 
 def check_components(config: RunConfig) -> None:
@@ -129,6 +129,8 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         algorithm = PRIVACY.get("dp_sgd")(algorithm, config)
     if config.privacy.client_dp is not None:
         algorithm = PRIVACY.get("client_dp")(algorithm, config)
+    if config.privacy.secure_aggregation is not None:
+        algorithm = PRIVACY.get("secure_aggregation")(algorithm, config)
     return algorithm
 
 

@@ -73,7 +73,7 @@ def registries() -> list[Registry[Any]]:
     import fedfm.algorithms  # noqa: F401  (registers algorithms, server optimizers, ...)
     import fedfm.models  # noqa: F401  (registers adapters)
     import fedfm.runtime  # noqa: F401  (registers runtimes)
-    import fedfm.trust.privacy  # noqa: F401  (registers privacy mechanisms)
+    import fedfm.trust  # noqa: F401  (registers privacy mechanisms, secure aggregation)
     from fedfm.core.registries import (
         ADAPTERS,
         AGGREGATORS,

@@ -365,11 +365,35 @@ class DPSGDConfig(_Section):
     secure_noise: bool = False  # true: noise from the OS CSPRNG instead of the run's seed
 
 
+class SecureAggregationConfig(_Section):
+    """SecAgg+ (Bell et al., CCS 2020): the server learns only the sum of the round's updates.
+    Each client shares its secrets with ``degree`` neighbours (None: every other client, as in
+    SecAgg), any ``threshold`` of whom can recover them after dropouts."""
+
+    degree: int | None = Field(default=None, ge=2)
+    threshold: int | None = Field(default=None, ge=1)  # None: 60% of the neighbourhood
+    bound: float = Field(default=1000.0, gt=0.0)  # |value| range of the fixed-point encoding
+    frac_bits: int = Field(default=24, ge=8, le=40)
+    # simulation: share of clients that vanish after key sharing (their input never arrives)
+    simulate_dropout_prob: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _threshold_is_a_majority(self) -> SecureAggregationConfig:
+        if self.threshold is not None and self.degree is not None and (
+                2 * self.threshold <= self.degree + 1 or self.threshold > self.degree + 1):
+            raise ValueError(f"privacy.secure_aggregation.threshold must be a majority of the "
+                             f"{self.degree + 1} clients of a neighbourhood (more than "
+                             f"{(self.degree + 1) / 2:g}, at most {self.degree + 1}): fewer "
+                             f"would let a server that lies about dropouts unmask one client")
+        return self
+
+
 class PrivacyConfig(_Section):
     """Privacy mechanisms of the run (none by default); they compose."""
 
     client_dp: ClientDPConfig | None = None
     dp_sgd: DPSGDConfig | None = None
+    secure_aggregation: SecureAggregationConfig | None = None
 
 
 class RunConfig(_Section):
@@ -404,6 +428,10 @@ class RunConfig(_Section):
             raise ValueError("privacy.dp_sgd cannot be combined with algorithm.local.packing: "
                              "a packed row holds several examples, so clipping per row would "
                              "not bound any one example's influence")
+        if self.privacy.secure_aggregation is not None and self.algorithm.name == "scaffold":
+            raise ValueError("privacy.secure_aggregation cannot be combined with algorithm "
+                             "scaffold: secure aggregation releases only sums of the updates, "
+                             "and scaffold's control-variate updates would travel in the clear")
         if dp is not None and dp.noise == "distributed" and dp.sampling != "fixed":
             raise ValueError("privacy.client_dp.noise: 'distributed' needs sampling: 'fixed' "
                              "(each client's noise share is sized by the known number of "

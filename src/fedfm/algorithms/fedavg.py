@@ -62,8 +62,14 @@ class DeltaServer:
         return {}
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
-        pseudo_gradient = self.aggregator.aggregate(updates)
+        by_round = getattr(self.aggregator, "aggregate_round", None)  # e.g. secure aggregation
+        pseudo_gradient = (by_round(updates, round) if by_round is not None
+                           else self.aggregator.aggregate(updates))
         return self.optimizer.step(global_state, pseudo_gradient)
+
+    def round_metrics(self) -> dict:
+        found = getattr(self.aggregator, "round_metrics", None)
+        return found() if found is not None else {}
 
     def state_dict(self) -> dict[str, State]:
         return {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}

@@ -58,6 +58,11 @@ def simulate_dropouts(seed: int, round: int, client_ids: list[int], prob: float)
     return {cid for cid, u in zip(client_ids, draws, strict=True) if u < prob}
 
 
+class RoundAborted(RuntimeError):
+    """The server could not aggregate this round correctly (e.g. secure aggregation lost too
+    many clients); the round keeps the previous global State and records why."""
+
+
 @dataclass
 class ClientOutcome:
     """What the runtime reports for one selected client."""
@@ -190,13 +195,19 @@ class RoundLoop:
         aggregate_start = time.perf_counter()
         updates = [o.update for o in outcomes if o.status == "ok" and o.update is not None]
         new_global = snapshot.global_state
+        aborted = None
         if updates or getattr(self.server, "aggregates_empty_rounds", False):
-            new_global = self.server.aggregate(snapshot.global_state, updates, round_index)
+            try:
+                new_global = self.server.aggregate(snapshot.global_state, updates, round_index)
+            except RoundAborted as exc:
+                aborted = str(exc)
         aggregate_time = time.perf_counter() - aggregate_start
 
         record = self._round_record(round_index, selected, outcomes, updates)
+        if aborted is not None:
+            record["aborted"] = aborted
         round_metrics = getattr(self.server, "round_metrics", None)
-        if round_metrics is not None:  # e.g. the privacy budget spent so far
+        if round_metrics is not None and aborted is None:  # e.g. the privacy budget spent
             record.update(round_metrics())
         eval_time = 0.0
         if self._is_eval_round(round_index):

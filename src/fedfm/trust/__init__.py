@@ -1,1 +1,5 @@
-"""Trustworthiness: privacy (differential privacy, accounting) and, later, robustness and IP."""
+"""Trustworthiness: privacy (differential privacy with accounting, secure aggregation) and,
+later, robustness and IP protection. Importing this package registers its components."""
+
+from fedfm.trust import privacy  # noqa: F401
+from fedfm.trust.secagg import aggregation  # noqa: F401

@@ -106,8 +106,9 @@ class DPServer:
     aggregates_empty_rounds = True  # the noisy release happens even when nobody took part
 
     def __init__(self, optimizer: Any, cfg: ClientDPConfig, sampling: SamplingModel,
-                 noise_multiplier: float, delta: float, seed: int) -> None:
+                 noise_multiplier: float, delta: float, seed: int, secure: Any = None) -> None:
         self.optimizer = optimizer
+        self.secure = secure  # a SecureSum: the server then sees only sums
         self.cfg = cfg
         self.sampling = sampling
         self.noise_multiplier = noise_multiplier
@@ -139,33 +140,49 @@ class DPServer:
         if bit is None or bit.numel() != 1 or float(bit) not in (0.0, 1.0):
             raise ValueError("client_dp: the update lacks its adaptive-clipping bit (0 or 1)")
         norm = state_ops.global_norm(update.payload)
-        if self.cfg.noise == "central" and norm > self.clip_norm * (1 + 1e-5):
+        if self.secure is None and self.cfg.noise == "central" and norm > self.clip_norm * (
+                1 + 1e-5):
             raise ValueError(f"client_dp: update norm {norm:.6g} exceeds the clip norm "
                              f"{self.clip_norm:.6g}")
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
         generator = noise_generator(self.seed * 1_000_003 + round, self.cfg.secure_noise)
-        total = state_ops.zeros_like(global_state)
-        for update in updates:
-            total = state_ops.add(total, update.payload)
+        total, unclipped, arrived = self._sum(global_state, updates, round)
         realized = self.update_noise
         if self.cfg.noise == "central":
             total = state_ops.add(total, gaussian_like(total, self.update_noise * self.clip_norm,
                                                         generator))
         else:  # the clients' shares: k of m expected arrived
-            realized = self.update_noise * math.sqrt(len(updates) / self.sampling.sample_size)
+            realized = self.update_noise * math.sqrt(arrived / self.sampling.sample_size)
         mean = state_ops.scale(total, 1.0 / self.sampling.sample_size)
         clip_used = self.clip_norm
-        self._adapt_clip(updates, generator)
+        self._adapt_clip(unclipped, generator)
         self.accountant.record_round(self._accounted_noise(realized))
         self._last = {"epsilon": self.accountant.epsilon(), "delta": self.accountant.delta,
                       "noise_multiplier": self._accounted_noise(realized),
                       "clip_norm": clip_used, "next_clip_norm": self.clip_norm,
-                      "clients_aggregated": float(len(updates))}
+                      "clients_aggregated": float(arrived)}
         return self.optimizer.step(global_state, mean)
 
+    def _sum(self, like: State, updates: list[ClientUpdate], round_index: int
+             ) -> tuple[State, float, int]:
+        """(sum of payloads, number of unclipped clients, clients summed): in the clear, or
+        through secure aggregation (the adaptive-clipping bit rides along in the secure sum)."""
+        bits = {u.client_id: [float(u.aux[UNCLIPPED_KEY]["unclipped"])] for u in updates}
+        if self.secure is not None and updates:
+            total, extra, survived = self.secure.sum(
+                {u.client_id: u.payload for u in updates}, bits, like, round_index)
+            return total, float(extra[0]), len(survived)
+        total = state_ops.zeros_like(like)
+        for update in updates:
+            total = state_ops.add(total, update.payload)
+        return total, sum(b[0] for b in bits.values()), len(updates)
+
     def round_metrics(self) -> dict[str, Any]:
-        return {"privacy": dict(self._last)}
+        found: dict[str, Any] = {"privacy": dict(self._last)}
+        if self.secure is not None:
+            found["secure_aggregation"] = dict(self.secure.last)
+        return found
 
     # ------------------------------------------------------------------ parts
 
@@ -175,11 +192,10 @@ class DPServer:
             return update_noise
         return (update_noise ** -2 + (2.0 * self.count_noise) ** -2) ** -0.5
 
-    def _adapt_clip(self, updates: list[ClientUpdate], generator: torch.Generator) -> None:
+    def _adapt_clip(self, count: float, generator: torch.Generator) -> None:
         adaptive = self.cfg.adaptive_clip
         if adaptive is None or self.count_noise is None:
             return
-        count = sum(float(u.aux[UNCLIPPED_KEY]["unclipped"]) for u in updates)
         noisy = count + float(torch.randn(1, generator=generator, dtype=torch.float64)
                               ) * self.count_noise
         fraction = noisy / self.sampling.sample_size

@@ -33,8 +33,13 @@ def apply_client_dp(algorithm: Algorithm, config: RunConfig) -> Algorithm:
     sampling = SamplingModel(cfg.sampling, federation.num_clients, federation.sample_size())
     delta = cfg.delta if cfg.delta is not None else default_delta(federation.num_clients)
     noise = resolve_noise_multiplier(cfg, sampling, federation.rounds, delta)
+    secure = None
+    if config.privacy.secure_aggregation is not None:
+        from fedfm.trust.secagg.aggregation import SecureSum
+
+        secure = SecureSum(config.privacy.secure_aggregation, config.seed)
     try:
-        dp_server = DPServer(optimizer, cfg, sampling, noise, delta, config.seed)
+        dp_server = DPServer(optimizer, cfg, sampling, noise, delta, config.seed, secure)
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from exc
     info = {**algorithm.info, "client_dp": {"noise_multiplier": noise, "delta": delta,
@@ -62,3 +67,26 @@ def apply_dp_sgd(algorithm: Algorithm, config: RunConfig) -> Algorithm:
     info = {**algorithm.info, "dp_sgd": {"noise_multiplier": cfg.noise_multiplier,
                                          "delta": delta}}
     return dataclasses.replace(algorithm, client=DPSGDClient(client, cfg, delta), info=info)
+
+
+@PRIVACY.register("secure_aggregation", MethodInfo(
+    "trust.privacy.secure_aggregation",
+    "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead (Bell et al., CCS 2020); "
+    "Practical Secure Aggregation for Privacy-Preserving Machine Learning (Bonawitz et al., "
+    "CCS 2017)",
+    "privacy: {secure_aggregation: {degree: 20, threshold: 13}}",
+    "SecAgg+ with dropout recovery: the server learns only sums (with client_dp: only the "
+    "noisy sum)"))
+def apply_secure_aggregation(algorithm: Algorithm, config: RunConfig) -> Algorithm:
+    from fedfm.trust.secagg.aggregation import SecureMean, SecureSum
+
+    cfg = config.privacy.secure_aggregation
+    assert cfg is not None
+    server: Any = algorithm.server
+    if config.privacy.client_dp is not None:
+        return algorithm  # DP-FedAvg's server sums through SecAgg itself (apply_client_dp)
+    if getattr(server, "aggregator", None) is None:
+        raise ConfigError(f"invalid config: privacy.secure_aggregation needs an algorithm that "
+                          f"aggregates by a mean of updates; {algorithm.name!r} does not")
+    server.aggregator = SecureMean(SecureSum(cfg, config.seed), config.algorithm.weighting)
+    return algorithm

@@ -44,11 +44,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedfm.core.loop import RoundAborted
+
 RING_BITS = 64
 SEED_BYTES = 32
 
 
-class SecAggAbort(RuntimeError):
+class SecAggAbort(RoundAborted):
     """The round cannot be unmasked correctly; the message says why."""
 
 
