@@ -17,6 +17,9 @@ app = typer.Typer(help="fedfm: federated fine-tuning of foundation models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect the data of a run config.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+attack_app = typer.Typer(help="Attacks on a finished run, as evaluation tools.",
+                         no_args_is_help=True)
+app.add_typer(attack_app, name="attack")
 
 err = Console(stderr=True)
 
@@ -147,6 +150,45 @@ def report(
         err.print(f"{escape(title)}: {path}")
     if built.html is not None:
         sys.stdout.write(f"{built.html}\n")
+
+
+@attack_app.command("privacy")
+def attack_privacy(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    max_examples: Annotated[int, typer.Option(help="Members and non-members per attack.")] = 400,
+    clients: Annotated[int, typer.Option(help="Client models to attack (largest first).")] = 3,
+    round_: Annotated[int | None, typer.Option("--round", help="Attack this round's model.")
+                      ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report.")] = False,
+) -> None:
+    """Membership inference (loss threshold; reference-calibrated) on the global model and on
+    client models: ROC AUC and TPR at 1% FPR. Writes RUN_DIR/attacks/privacy.json."""
+    import json
+
+    from rich.table import Table
+
+    from fedfm.tracking.run_record import RunRecordError
+    from fedfm.trust.attacks.evaluate import privacy_attacks
+
+    try:
+        report = privacy_attacks(run_dir, max_examples=max_examples, clients=clients,
+                                 round_index=round_)
+    except (RunRecordError, *_user_errors()) as exc:
+        _fail(exc)
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    table = Table(title=f"membership inference, round {report['round']}")
+    for column in ("model", "attack", "AUC", "TPR @ 1% FPR", "members"):
+        table.add_column(column, justify="left" if column in ("model", "attack") else "right")
+    targets = [("global", report["global"])] + [
+        (f"client {c}", found) for c, found in report["clients"].items()]
+    for name, found in targets:
+        for attack, numbers in found.items():
+            table.add_row(name, attack, f"{numbers['auc']:.3f}",
+                          f"{numbers['tpr_at_1pct_fpr']:.3f}", f"{numbers['members']:.0f}")
+    Console().print(table)
 
 
 @app.command()

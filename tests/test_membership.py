@@ -1,0 +1,70 @@
+"""Membership inference (issue 5, item 5, first part): the statistics against their definitions,
+and the attack finding a signal where there is one and none where there is none."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedfm import api
+from fedfm.cli import app
+from fedfm.trust.attacks.membership import (
+    attack_report,
+    membership_inference,
+    roc_auc,
+    tpr_at_fpr,
+)
+
+
+def test_auc_is_the_pairwise_win_rate_with_half_ties() -> None:
+    rng = np.random.default_rng(0)
+    members = rng.integers(0, 6, size=40).astype(float)  # many ties
+    others = rng.integers(0, 5, size=30).astype(float)
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0
+               for a, b in itertools.product(members, others))
+    assert roc_auc(members, others) == pytest.approx(wins / (40 * 30), abs=1e-12)
+    assert roc_auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+
+
+def test_tpr_at_one_percent_fpr() -> None:
+    others = np.arange(1000, dtype=float)  # the top 1% of non-members: 990..999
+    members = np.array([995.5, 999.5, 1200.0, 10.0])
+    assert tpr_at_fpr(members, others) == pytest.approx(0.75)  # 3 of 4 above the 99th pct
+    flat = np.zeros(100)
+    assert tpr_at_fpr(np.zeros(10), flat) == 0.0  # ties never count as flagged
+
+
+def test_identical_models_give_no_signal() -> None:
+    losses_in, losses_out = np.random.default_rng(1).random((2, 200))
+    found = membership_inference(losses_in, losses_out, losses_in, losses_out)
+    assert found["reference_calibrated"]["auc"] == 0.5  # every calibrated score is 0
+    assert attack_report(-losses_in, -losses_out)["members"] == 200
+
+
+def test_attack_on_an_overfit_run_and_cli(cls_config) -> None:
+    overfit = cls_config(
+        data={"max_rows": 48, "max_validation_rows": 120},
+        runtime={"attention": "eager"},  # measured choices may differ run to run
+        federation={"num_clients": 2, "clients_per_round": 2, "rounds": 4},
+        adapter={"kind": "full"},
+        algorithm={"local": {"steps": 40, "batch_size": 16, "lr": 3e-3}})
+    result = api.run(overfit)
+    runner = CliRunner()
+    done = runner.invoke(app, ["attack", "privacy", str(result.run_dir), "--clients", "1",
+                               "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert report == json.loads((result.run_dir / "attacks" / "privacy.json").read_text())
+    # measured here: 0.61 and 0.65 for the global model, 0.76 and 0.67 for the client's
+    assert report["global"]["loss_threshold"]["auc"] > 0.58  # memorised training rows
+    assert report["global"]["reference_calibrated"]["auc"] > 0.6
+    assert len(report["clients"]) == 1
+    client = next(iter(report["clients"].values()))
+    assert client["loss_threshold"]["members"] > 0 and client["loss_threshold"]["auc"] > 0.65
+    shown = runner.invoke(app, ["attack", "privacy", str(result.run_dir), "--clients", "0"],
+                          env={"COLUMNS": "160"})
+    assert shown.exit_code == 0 and "reference_calibrated" in shown.output
