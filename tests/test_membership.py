@@ -68,3 +68,57 @@ def test_attack_on_an_overfit_run_and_cli(cls_config) -> None:
     shown = runner.invoke(app, ["attack", "privacy", str(result.run_dir), "--clients", "0"],
                           env={"COLUMNS": "160"})
     assert shown.exit_code == 0 and "reference_calibrated" in shown.output
+
+
+# --------------------------------------------------------------------------- canaries, tokens
+
+
+@pytest.mark.slow
+def test_canaries_are_planted_and_exposed(lm_config) -> None:
+    from fedfm.trust.attacks.evaluate import privacy_attacks
+
+    canaries = {"client": 0, "count": 2, "repeats": 30, "secret_length": 4,
+                "candidates": 300}
+    config = lm_config(eval={"every": 3, "max_examples": 8, "canaries": canaries},
+                       adapter={"kind": "full"},
+                       federation={"num_clients": 2, "clients_per_round": 2, "rounds": 3},
+                       algorithm={"local": {"steps": 20, "batch_size": 8, "lr": 3e-3}})
+    result = api.run(config)
+    report = privacy_attacks(result.run_dir, max_examples=50, clients=1)
+    found = report["canaries"]
+    assert len(found["global"]) == 2 and found["client"] == 0
+    for trained, untouched in zip(found["global"], found["reference"], strict=True):
+        assert trained["max_exposure_bits"] == pytest.approx(4 * np.log2(10))
+        assert trained["exposure_bits"] > untouched["exposure_bits"] + 2  # memorised
+        assert trained["rank_in_candidates"] < untouched["rank_in_candidates"]
+
+
+def test_tokens_are_read_off_an_embedding_update(lm_config) -> None:
+    from fedfm.trust.attacks.evaluate import privacy_attacks
+
+    result = api.run(lm_config(adapter={"kind": "full"}, eval={"enabled": False},
+                               federation={"num_clients": 2, "clients_per_round": 2,
+                                           "rounds": 1}))
+    report = privacy_attacks(result.run_dir, max_examples=20, clients=1)
+    tokens = next(iter(report["clients"].values()))["token_recovery"]
+    # every recovered token was really fed; a token seen only as a row's last token predicts
+    # nothing in a causal LM, gets no gradient and stays hidden
+    assert tokens["applicable"] and tokens["precision"] == 1.0 and tokens["recall"] > 0.95
+    assert tokens["true_tokens"] > 20
+
+
+def test_token_recovery_is_not_applicable_without_an_embedding_update(lm_config) -> None:
+    from fedfm.trust.attacks.evaluate import privacy_attacks
+
+    result = api.run(lm_config(federation={"num_clients": 2, "clients_per_round": 2,
+                                           "rounds": 1}))
+    report = privacy_attacks(result.run_dir, max_examples=20, clients=1)
+    tokens = next(iter(report["clients"].values()))["token_recovery"]
+    assert tokens["applicable"] is False and "no input-embedding" in tokens["why"]
+
+
+def test_canaries_need_causal_lm_data(cls_config) -> None:
+    from fedfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.canaries needs causal-LM data"):
+        cls_config(eval={"canaries": {"client": 0}})

@@ -172,3 +172,28 @@ def test_secure_aggregation_compatibility_rules(cls_config) -> None:
                    privacy={"secure_aggregation": {}})
     with pytest.raises(ConfigError, match="must be a majority"):
         cls_config(privacy={"secure_aggregation": {"degree": 10, "threshold": 5}})
+
+
+def test_secure_aggregation_refuses_an_aggregator_that_needs_individual_updates(
+        cls_config) -> None:
+    from fedfm import api
+    from fedfm.config import ConfigError
+    from fedfm.core.registries import AGGREGATORS
+
+    class CoordinateMedian:  # stands in for the robust aggregators (a median needs them all)
+        sum_compatible = False
+
+        def aggregate(self, updates):
+            raise AssertionError("never built")
+
+    AGGREGATORS.register("test_median")(CoordinateMedian)
+    try:
+        with pytest.raises(ConfigError, match="cannot be combined with algorithm.aggregator "
+                                              "'test_median'.*reveals only the sum"):
+            api.check_components(cls_config(algorithm={"aggregator": "test_median"},
+                                            privacy={"secure_aggregation": {}}))
+        api.check_components(cls_config(algorithm={"aggregator": "test_median"}))  # alone: ok
+    finally:
+        AGGREGATORS._items.pop("test_median")
+    with pytest.raises(ConfigError, match="unknown aggregator 'krum'"):
+        api.check_components(cls_config(algorithm={"aggregator": "krum"}))

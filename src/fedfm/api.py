@@ -31,7 +31,13 @@ from fedfm.core.client_store import (
     TieredClientStore,
 )
 from fedfm.core.loop import LoopSettings, LoopSnapshot, RoundLoop, Runtime
-from fedfm.core.registries import ALGORITHMS, PRIVACY, RUNTIMES, SERVER_OPTIMIZERS
+from fedfm.core.registries import (
+    AGGREGATORS,
+    ALGORITHMS,
+    PRIVACY,
+    RUNTIMES,
+    SERVER_OPTIMIZERS,
+)
 from fedfm.core.state import State
 from fedfm.tracking import ConsoleProgress, MetricsFileSink, RunDirectory, summary_table
 
@@ -86,6 +92,7 @@ def check_components(config: RunConfig) -> None:
                         config.tracking.mlflow_tracking_uri)
     for registry, value, path in (
         (ALGORITHMS, config.algorithm.name, "algorithm.name"),
+        (AGGREGATORS, config.algorithm.aggregator, "algorithm.aggregator"),
         (SERVER_OPTIMIZERS, config.algorithm.server_optimizer.name,
          "algorithm.server_optimizer.name"),
         (RUNTIMES, config.runtime.kind, "runtime.kind"),
@@ -93,6 +100,26 @@ def check_components(config: RunConfig) -> None:
         if value not in registry:
             raise ConfigError(f"invalid config: {path}: unknown {registry.kind} {value!r} "
                               f"(available: {', '.join(registry.names())})")
+    _check_secure_aggregation(config)
+
+
+def _check_secure_aggregation(config: RunConfig) -> None:
+    """Secure aggregation releases only sums, and DP-FedAvg aggregates a clipped noisy sum: the
+    aggregator must be the mean."""
+    name = config.algorithm.aggregator
+    if config.privacy.client_dp is not None and name != "mean":
+        raise ConfigError(f"invalid config: privacy.client_dp aggregates a clipped, noised sum "
+                          f"of the updates (DP-FedAvg); algorithm.aggregator {name!r} would be "
+                          f"ignored (use 'mean')")
+    if config.privacy.secure_aggregation is None:
+        return
+    if name == "secure_mean":
+        return
+    if not getattr(AGGREGATORS.get(name), "sum_compatible", False):
+        raise ConfigError(f"invalid config: privacy.secure_aggregation cannot be combined with "
+                          f"algorithm.aggregator {name!r}: secure aggregation reveals only the "
+                          f"sum of the clients' updates, and {name!r} needs the individual "
+                          f"updates (use aggregator 'mean')")
 
 
 def resolve_task(config: RunConfig) -> str:
@@ -165,6 +192,8 @@ def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
     data = build_federated_data(config.data, num_clients=config.federation.num_clients,
                                 tokenizer=bundle.tokenizer, task=bundle.task,
                                 max_length=config.model.max_length, seed=config.seed)
+    if config.eval.canaries is not None:
+        plant_canaries(config, data, bundle)
     empty = [c.client_id for c in data.clients if not c.train]
     if empty:
         raise ConfigError(f"clients {empty[:10]} have no training examples; lower "
@@ -395,3 +424,17 @@ def _privacy_summary(config: RunConfig, metrics: list[dict[str, Any]]) -> dict[s
                            "client_epsilon": per_client,
                            "config": privacy.dp_sgd.model_dump(mode="json")}
     return found
+
+
+def plant_canaries(config: RunConfig, data: Any, bundle: Any) -> None:
+    """Add ``eval.canaries``' secrets to their client's training data (exposure measurement)."""
+    from fedfm.trust.attacks.canaries import canary_examples, make_canaries
+
+    cfg = config.eval.canaries
+    assert cfg is not None
+    try:
+        canaries = make_canaries(cfg, bundle.tokenizer, config.seed)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
+    data.clients[cfg.client].train.extend(
+        canary_examples(canaries, cfg.repeats, bundle.tokenizer.eos_token_id))

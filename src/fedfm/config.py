@@ -219,6 +219,7 @@ class AlgorithmConfig(_Section):
     """How clients learn: the client procedure and the server rule, found by name."""
 
     name: str = "fedavg"  # checked against the algorithm registry when the run is built
+    aggregator: str = "mean"  # checked against the aggregator registry
     mu: float = Field(default=0.0, ge=0)  # fedprox proximal weight
     weighting: Literal["examples", "uniform"] = "examples"
     local: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
@@ -281,6 +282,17 @@ class GenerationEvalConfig(_Section):
     max_new_tokens: int = Field(default=32, ge=1)
 
 
+class CanaryConfig(_Section):
+    """Random secrets planted in one client's data to measure memorization (exposure; Carlini
+    et al., USENIX Security 2019). Causal LM data only."""
+
+    client: int = Field(default=0, ge=0)
+    count: int = Field(default=4, ge=1)  # distinct canaries
+    repeats: int = Field(default=8, ge=1)  # copies of each in the client's training data
+    secret_length: int = Field(default=6, ge=1, le=12)  # digits: 10^L possible secrets
+    candidates: int = Field(default=2000, ge=10)  # random secrets each canary is ranked among
+
+
 class EvalConfig(_Section):
     """Global and per-client evaluation every ``every`` rounds and after the last one."""
 
@@ -291,6 +303,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=32, ge=1)
     max_examples: int | None = Field(default=None, ge=1)  # cap on the global validation set
     generation: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
+    canaries: CanaryConfig | None = None  # plant secrets to measure memorization (exposure)
 
 
 class TrackingConfig(_Section):
@@ -416,6 +429,13 @@ class RunConfig(_Section):
         if self.adapter.kind == "head" and self.data.format != "classification":
             raise ValueError("adapter.kind: 'head' needs data.format 'classification' "
                              f"(got {self.data.format!r})")
+        canaries = self.eval.canaries
+        if canaries is not None and self.data.format not in ("instruction", "chat"):
+            raise ValueError("eval.canaries needs causal-LM data (data.format instruction or "
+                             f"chat), got {self.data.format!r}")
+        if canaries is not None and canaries.client >= self.federation.num_clients:
+            raise ValueError(f"eval.canaries.client={canaries.client} but there are only "
+                             f"{self.federation.num_clients} clients")
         dp = self.privacy.client_dp
         if dp is not None and self.algorithm.name == "scaffold":
             raise ValueError("privacy.client_dp cannot be combined with algorithm scaffold: its "

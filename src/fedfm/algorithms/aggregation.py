@@ -19,6 +19,12 @@ Weighting = Literal["examples", "uniform"]
 
 
 class Aggregator(Protocol):
+    """``sum_compatible``: the result is a function of (weighted) sums of the updates only, so
+    secure aggregation, which releases nothing but sums, can compute it. A median, Krum or a
+    non-linear LoRA rule sets it False and is refused next to secure aggregation."""
+
+    sum_compatible: bool
+
     def aggregate(self, updates: list[ClientUpdate]) -> State: ...
 
 
@@ -35,6 +41,8 @@ def update_weights(updates: list[ClientUpdate], weighting: Weighting) -> list[fl
     "algorithm: {weighting: examples}  # or uniform",
     "weighted mean of client updates (by examples, or uniform)"))
 class WeightedMean:
+    sum_compatible = True
+
     def __init__(self, weighting: Weighting = "examples") -> None:
         self.weighting = weighting
 

@@ -20,7 +20,7 @@ from fedfm.algorithms.server_opt import ServerOptimizer, build_server_optimizer
 from fedfm.config import AlgorithmConfig, LocalTrainingConfig
 from fedfm.core import state as state_ops
 from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
-from fedfm.core.registries import ALGORITHMS
+from fedfm.core.registries import AGGREGATORS, ALGORITHMS
 from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast, ClientUpdate
@@ -81,7 +81,11 @@ class DeltaServer:
 
 
 def build_delta_server(cfg: AlgorithmConfig) -> DeltaServer:
-    return DeltaServer(WeightedMean(cfg.weighting), build_server_optimizer(cfg.server_optimizer))
+    aggregator = AGGREGATORS.get(cfg.aggregator)
+    if aggregator is WeightedMean:
+        return DeltaServer(WeightedMean(cfg.weighting),
+                           build_server_optimizer(cfg.server_optimizer))
+    return DeltaServer(aggregator(), build_server_optimizer(cfg.server_optimizer))
 
 
 @ALGORITHMS.register("fedavg", MethodInfo(

@@ -67,15 +67,71 @@ def privacy_attacks(run_dir: str | Path, *, max_examples: int = 400, clients: in
         workload.set_state(state)
         broadcast = Broadcast(global_state=state, extras=algorithm.server.broadcast_extras(state),
                               round=attacked_round + 1)
-        result = workload.client.run(runtime.client_context(client_id, attacked_round + 1),
-                                     broadcast)
+        ctx = runtime.client_context(client_id, attacked_round + 1)
+        seen: list[dict[str, Any]] = []
+        ctx.collate = _recording(ctx.collate, seen)
+        result = workload.client.run(ctx, broadcast)
         # what the server sees of this client: the global model plus its (clipped, noised
         # under DP) update
         local = state_ops.add(state, result.update.payload)
-        report["clients"][str(client_id)] = membership_inference(
-            losses(local, own), losses(local, outside), losses(reference, own),
-            losses(reference, outside))
+        found = membership_inference(losses(local, own), losses(local, outside),
+                                     losses(reference, own), losses(reference, outside))
+        found["token_recovery"] = recover_tokens(workload.model, result.update.payload, seen)
+        report["clients"][str(client_id)] = found
+    if config.eval.canaries is not None:
+        report["canaries"] = _canary_exposure(workload, config, state, reference)
     out = record.path / "attacks"
     out.mkdir(exist_ok=True)
     (out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _recording(collate: Any, seen: list[dict[str, Any]]) -> Any:
+    """``collate`` that also keeps every batch it made (the attack's ground truth)."""
+    def wrapped(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(rows)
+        seen.append(batch)
+        return batch
+    return wrapped
+
+
+def recover_tokens(model: Any, payload: dict[str, Any], batches: list[dict[str, Any]]
+                   ) -> dict[str, Any]:
+    """Which tokens a client's batches held, read off its update of the input embedding: a row
+    moves only if its token was looked up (Zhu et al., "Deep Leakage from Gradients", NeurIPS
+    2019, note the same for embedding gradients). Precision and recall against the tokens the
+    client really fed (attention-masked positions only); in a causal LM a token seen only as a
+    row's last token predicts nothing, gets no gradient, and is the one way to stay hidden."""
+    embedding = model.get_input_embeddings().weight
+    key = next((name for name, param in model.named_parameters() if param is embedding), None)
+    if key is None or key not in payload:
+        return {"applicable": False,
+                "why": "the update carries no input-embedding matrix (e.g. LoRA on attention "
+                       "only); nothing to read token ids from"}
+    moved = payload[key].abs().sum(dim=1) > 0
+    recovered = set(int(i) for i in moved.nonzero().flatten())
+    truth: set[int] = set()
+    for batch in batches:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        kept = ids[mask.bool()] if mask is not None else ids.flatten()
+        truth.update(int(i) for i in kept)
+    hits = len(recovered & truth)
+    return {"applicable": True, "recovered": len(recovered), "true_tokens": len(truth),
+            "precision": hits / max(len(recovered), 1), "recall": hits / max(len(truth), 1)}
+
+
+def _canary_exposure(workload: Any, config: Any, state: Any, reference: Any
+                     ) -> dict[str, Any]:
+    from fedfm.trust.attacks.canaries import digit_ids, exposure, make_canaries
+
+    cfg = config.eval.canaries
+    tokenizer = workload.bundle.tokenizer
+    canaries = make_canaries(cfg, tokenizer, config.seed)
+    digits = digit_ids(tokenizer)
+    found = {}
+    for name, weights in (("global", state), ("reference", reference)):
+        workload.set_state(weights)
+        found[name] = exposure(workload.model, canaries, cfg, digits, config.seed)
+    found["client"] = cfg.client
+    return found

@@ -103,6 +103,8 @@ class SecureSum:
 class SecureMean:
     """FedAvg's weighted mean computed from two secure sums: ``sum w_i d_i`` and ``sum w_i``."""
 
+    sum_compatible = True
+
     def __init__(self, summer: SecureSum, weighting: str = "examples") -> None:
         self.summer = summer
         self.weighting = weighting
