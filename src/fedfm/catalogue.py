@@ -78,6 +78,7 @@ def registries() -> list[Registry[Any]]:
         ADAPTERS,
         AGGREGATORS,
         ALGORITHMS,
+        ATTACKS,
         PRIVACY,
         RUNTIMES,
         SERVER_OPTIMIZERS,
@@ -85,7 +86,7 @@ def registries() -> list[Registry[Any]]:
     from fedfm.data.partition import PARTITIONERS
 
     return [ADAPTERS, ALGORITHMS, SERVER_OPTIMIZERS, AGGREGATORS, PARTITIONERS, PRIVACY,
-            RUNTIMES]
+            ATTACKS, RUNTIMES]
 
 
 class CatalogueError(RuntimeError):

@@ -21,5 +21,8 @@ ADAPTERS: Registry[Any] = Registry("adapter")
 PRIVACY: Registry[Any] = Registry("privacy mechanism")
 """name -> ``(Algorithm, RunConfig) -> Algorithm`` wrapping both halves with the mechanism."""
 
+ATTACKS: Registry[Any] = Registry("attack")
+"""name -> the function that runs the attack (evaluation tools: ``fedfm attack ...``)."""
+
 RUNTIMES: Registry[Any] = Registry("runtime")
 """name -> factory ``(workload, config, client_store) -> core.loop.Runtime``."""
