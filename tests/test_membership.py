@@ -59,9 +59,12 @@ def test_attack_on_an_overfit_run_and_cli(cls_config) -> None:
     assert done.exit_code == 0, done.output
     report = json.loads(done.stdout)
     assert report == json.loads((result.run_dir / "attacks" / "privacy.json").read_text())
-    # measured here: 0.61 and 0.65 for the global model, 0.76 and 0.67 for the client's
+    # measured here for the global model: 0.60 (loss), 0.74 (trained reference), 0.65 (start)
     assert report["global"]["loss_threshold"]["auc"] > 0.58  # memorised training rows
-    assert report["global"]["reference_calibrated"]["auc"] > 0.6
+    assert report["global"]["reference_calibrated"]["auc"] > 0.65
+    # a reference trained on population data calibrates better than the untrained start
+    assert (report["global"]["reference_calibrated"]["auc"]
+            > report["global"]["start_calibrated"]["auc"])
     assert len(report["clients"]) == 1
     client = next(iter(report["clients"].values()))
     assert client["loss_threshold"]["members"] > 0 and client["loss_threshold"]["auc"] > 0.65

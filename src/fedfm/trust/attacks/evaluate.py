@@ -14,7 +14,11 @@ from fedfm.core import state as state_ops
 from fedfm.core.client_store import MemoryClientStore
 from fedfm.core.update import Broadcast
 from fedfm.tracking.run_record import RunRecordError, global_state_at, read_run
-from fedfm.trust.attacks.membership import membership_inference, per_example_losses
+from fedfm.trust.attacks.membership import (
+    attack_report,
+    membership_inference,
+    per_example_losses,
+)
 
 
 def _sample(items: list[dict[str, Any]], count: int, seed: int) -> list[dict[str, Any]]:
@@ -36,27 +40,41 @@ def privacy_attacks(run_dir: str | Path, *, max_examples: int = 400, clients: in
     api.seed_everything(config.seed)
     algorithm = api.build_algorithm(config)
     workload = api.build_workload(config, algorithm)
-    reference = workload.get_state()  # the run's starting model: never saw client data
+    start = workload.get_state()  # the run's starting model: never saw client data
     data = workload.data
-    if not data.global_validation:
-        raise RunRecordError("membership inference needs non-members: this run has no global "
-                             "validation set (set data.validation_path or validation_fraction)")
+    if len(data.global_validation) < 4:
+        raise RunRecordError("membership inference needs non-members: this run's global "
+                             "validation set has fewer than 4 examples (set "
+                             "data.validation_path or validation_fraction)")
     collate, task = workload.collate_fn(), workload.bundle.task
     pooled = [ex for client in data.clients for ex in client.train]
     members = _sample(pooled, max_examples, config.seed)
-    nonmembers = _sample(data.global_validation, max_examples, config.seed + 1)
+    # half the never-trained-on rows train the attacker's reference model ("population data"),
+    # the other half are the non-members
+    shuffled = _sample(data.global_validation, len(data.global_validation), config.seed + 1)
+    population, held_out = shuffled[: len(shuffled) // 2], shuffled[len(shuffled) // 2:]
+    nonmembers = held_out[:max_examples]
+    reference = train_reference(workload, config, population, start)
 
     def losses(weights: Any, examples: list[dict[str, Any]]) -> np.ndarray:
         workload.set_state(weights)
         return per_example_losses(workload.model, examples, collate, task)
 
+    def attacks(weights: Any, inside: list[dict[str, Any]], outside: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+        target_in, target_out = losses(weights, inside), losses(weights, outside)
+        found = membership_inference(target_in, target_out, losses(reference, inside),
+                                     losses(reference, outside))
+        found["start_calibrated"] = attack_report(losses(start, inside) - target_in,
+                                                  losses(start, outside) - target_out)
+        return found
+
     report: dict[str, Any] = {
         "run_dir": str(record.path), "round": attacked_round,
-        "reference_model": "the run's starting model (base + initial adapter)",
-        "nonmembers": "global validation set",
-        "global": membership_inference(losses(state, members), losses(state, nonmembers),
-                                       losses(reference, members),
-                                       losses(reference, nonmembers)),
+        "reference_model": (f"the run's starting model trained like one client for the whole "
+                            f"run on {len(population)} never-trained-on rows (population data)"),
+        "nonmembers": f"{len(nonmembers)} rows of the global validation set",
+        "global": attacks(state, members, nonmembers),
         "clients": {},
     }
     runtime = LocalRuntime(workload, MemoryClientStore())
@@ -74,12 +92,11 @@ def privacy_attacks(run_dir: str | Path, *, max_examples: int = 400, clients: in
         # what the server sees of this client: the global model plus its (clipped, noised
         # under DP) update
         local = state_ops.add(state, result.update.payload)
-        found = membership_inference(losses(local, own), losses(local, outside),
-                                     losses(reference, own), losses(reference, outside))
+        found = attacks(local, own, outside)
         found["token_recovery"] = recover_tokens(workload.model, result.update.payload, seen)
         report["clients"][str(client_id)] = found
     if config.eval.canaries is not None:
-        report["canaries"] = _canary_exposure(workload, config, state, reference)
+        report["canaries"] = _canary_exposure(workload, config, state, start)
     out = record.path / "attacks"
     out.mkdir(exist_ok=True)
     (out / "privacy.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -135,3 +152,25 @@ def _canary_exposure(workload: Any, config: Any, state: Any, reference: Any
         found[name] = exposure(workload.model, canaries, cfg, digits, config.seed)
     found["client"] = cfg.client
     return found
+
+
+def train_reference(workload: Any, config: Any, population: list[dict[str, Any]],
+                    start: Any) -> Any:
+    """The attacker's reference model (Watson et al., ICLR 2022): the run's starting model
+    trained with the run's local procedure, for as many steps as one client takes over the whole
+    run, on population data the federation never trained on."""
+    from fedfm.algorithms.local_train import num_optimizer_steps, train_locally
+    from fedfm.core.algorithm import ClientContext
+
+    local = config.algorithm.local
+    steps = config.federation.rounds * num_optimizer_steps(local, len(population))
+    plan = local.model_copy(update={"steps": steps, "epochs": None})
+    workload.set_state(start)
+    context = ClientContext(
+        client_id=-1, round=0, seed=config.seed + 17, model=workload.model,
+        get_state=workload.get_state, set_state=workload.set_state, train_examples=population,
+        collate=workload.collate_fn(), device=workload.device,
+        autocast_dtype=workload.autocast_dtype, loss_fn=workload.loss_fn,
+        max_length=config.model.max_length)
+    train_locally(context, plan)
+    return workload.get_state()

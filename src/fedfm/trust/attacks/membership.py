@@ -6,8 +6,10 @@ examples from examples the federation never saw?
 * **Reference-calibrated** (Watson, Guo, Cormode & Sablayrolles, "On the Importance of
   Difficulty Calibration in Membership Inference Attacks", ICLR 2022): score = loss under a
   reference model - loss under the attacked model, which removes how hard an example is by
-  itself. The reference is the run's starting model (the pretrained base with its freshly
-  initialised adapter): it never saw any client data, so it is a valid non-member reference.
+  itself. The reference is trained by the attacker like a client, from the run's starting
+  model, on population data the federation never saw (half of the global validation set; the
+  other half are the non-members). ``start_calibrated`` also reports the cheaper variant whose
+  reference is the untrained starting model.
 
 Members are training examples of the clients; non-members are the global validation set, never
 trained on. Reported: ROC AUC (the Mann-Whitney statistic) and TPR at 1% FPR. The global model is
