@@ -100,6 +100,7 @@ def main() -> None:
                 "val_accuracy": result.summary["final_metrics"].get("val_accuracy"),
                 "mia_auc_loss": attack["global"]["loss_threshold"]["auc"],
                 "mia_auc_calibrated": attack["global"]["reference_calibrated"]["auc"],
+                "mia_auc_start_calibrated": attack["global"]["start_calibrated"]["auc"],
                 "mia_tpr_at_1pct_fpr": attack["global"]["reference_calibrated"][
                     "tpr_at_1pct_fpr"],
                 "aggregation_s_per_round": round(aggregate_s / args.rounds, 4),
