@@ -214,7 +214,7 @@ def train_locally(ctx: ClientContext, cfg: LocalTrainingConfig, *,
     """Run the configured local optimization on ``ctx.model`` in place."""
     trainer = LocalTrainer(ctx, cfg, trainable_parameters(ctx.model), grad_hook=grad_hook)
     torch.manual_seed(ctx.seed)  # dropout and any other stochastic layers
-    autocast = _autocast(ctx)
+    autocast = client_autocast(ctx)
     loss_fn = ctx.loss_fn or standard_loss
     ctx.model.train()
     while not trainer.done:
@@ -231,7 +231,8 @@ def train_locally(ctx: ClientContext, cfg: LocalTrainingConfig, *,
     return trainer.result()
 
 
-def _autocast(ctx: ClientContext) -> Any:
+def client_autocast(ctx: ClientContext) -> Any:
+    """The client's autocast context (bf16 when the runtime asks for it, else none)."""
     if ctx.autocast_dtype is None:
         return nullcontext()
     return torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)

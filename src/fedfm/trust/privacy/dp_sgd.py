@@ -31,6 +31,7 @@ import torch
 from fedfm.algorithms.local_train import (
     LocalTrainer,
     LocalTrainingResult,
+    client_autocast,
     trainable_parameters,
 )
 from fedfm.config import DPSGDConfig
@@ -88,8 +89,7 @@ def train_dp_sgd(ctx: ClientContext, local: Any, cfg: DPSGDConfig, *,
     noise = noise_generator(ctx.seed + 2, cfg.secure_noise)
     torch.manual_seed(ctx.seed)
     loss_fn = ctx.loss_fn or standard_loss
-    autocast = (torch.autocast(device_type=ctx.device.type, dtype=ctx.autocast_dtype)
-                if ctx.autocast_dtype is not None else torch.autocast("cpu", enabled=False))
+    autocast = client_autocast(ctx)
     ctx.model.train()
     clipped = sampled = 0
     while not trainer.done:
