@@ -70,6 +70,68 @@ def test_clipped_sum_is_the_sum_of_clipped_per_example_gradients() -> None:
         assert torch.allclose(got, sum(gs), atol=1e-6)
 
 
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.train()  # Opacus records activations only in training mode
+
+
+@pytest.mark.parametrize(("model_name", "task"), [("tiny-bert", "classification"),
+                                                  ("tiny-llama", "causal_lm")])
+def test_opacus_per_sample_sums_equal_the_per_example_loop(model_name, task) -> None:
+    bundle = load_model(ModelConfig(name=model_name), seed=0, num_labels=2)
+    bundle = apply_adapter(bundle, AdapterConfig(kind="lora", r=4, train_head=True), seed=0)
+    model = without_dropout(bundle.model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    # rows of different lengths: the batched path pads, the loop never does
+    ids = [[1, 5 + i, 60 + i, 7, 2][: 2 + i % 4] for i in range(10)]
+    rows = [{"input_ids": row, "attention_mask": [1] * len(row),
+             "labels": i % 2 if task == "classification" else row}
+            for i, row in enumerate(ids)]
+    ctx = ClientContext(client_id=0, round=1, seed=0, model=model,
+                        get_state=lambda: get_state(model), set_state=lambda s: None,
+                        train_examples=rows, device=torch.device("cpu"),
+                        collate=lambda r: collate(r, pad_token_id=0, task=task))
+    params = [p for _, p in trainable_parameters(model)]
+    assert dp_sgd.opacus_covers(model)
+    off = torch.autocast("cpu", enabled=False)
+    loop_sums, loop_loss, _ = clipped_gradient_sum(ctx, rows, params, 1e9, standard_loss, off)
+    norms = []
+    for row in rows:
+        grads = torch.autograd.grad(standard_loss(model, ctx.collate([row])), params,
+                                    allow_unused=True)
+        norms.append(float(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None))))
+    clip = statistics.median(norms)
+    wanted = {bound: clipped_gradient_sum(ctx, rows, params, bound, standard_loss, off)
+              for bound in (1e9, clip)}
+    with dp_sgd.OpacusPerSample(model, params, microbatch=4) as engine:
+        for bound, (want, want_loss, want_clipped) in wanted.items():
+            got, got_loss, got_clipped = engine.clipped_sum(ctx, rows, bound, off)
+            assert got_clipped == want_clipped and got_loss == pytest.approx(want_loss, rel=1e-5)
+            for g, w in zip(got, want, strict=True):
+                assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
+        assert engine.clipped_sum(ctx, [], clip, off)[0][0].abs().sum() == 0
+    assert loop_loss > 0 and any(s.abs().sum() > 0 for s in loop_sums)
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in params)
+
+
+def test_layers_opacus_does_not_cover_fall_back_to_the_loop() -> None:
+    bundle = load_model(ModelConfig(name="tiny-bert"), seed=0, num_labels=2)
+    bundle = apply_adapter(bundle, AdapterConfig(kind="ia3"), seed=0)
+    ctx = context()
+    ctx.model = bundle.model
+    params = [p for _, p in trainable_parameters(bundle.model)]
+    assert not dp_sgd.opacus_covers(bundle.model)
+    assert dp_sgd._per_sample_engine(ctx, params, DPSGDConfig(noise_multiplier=1.0), 4) is None
+    with pytest.raises(ConfigError, match="per_sample is 'opacus'"):
+        dp_sgd._per_sample_engine(ctx, params,
+                                  DPSGDConfig(noise_multiplier=1.0, per_sample="opacus"), 4)
+
+
 def test_noise_scale_of_a_step(monkeypatch) -> None:
     ctx = context()
     params = [p for _, p in trainable_parameters(ctx.model)]

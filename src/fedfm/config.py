@@ -376,6 +376,9 @@ class DPSGDConfig(_Section):
     max_grad_norm: float = Field(default=1.0, gt=0.0)  # per-example L2 clip
     delta: float | None = Field(default=None, gt=0.0, lt=1.0)  # None: 1e-5 (< 1/n up to 1e5 rows)
     secure_noise: bool = False  # true: noise from the OS CSPRNG instead of the run's seed
+    # per-example gradients: Opacus' hooks over a padded batch ("opacus"), one backward pass per
+    # example ("loop"), or Opacus whenever it covers every trainable layer ("auto")
+    per_sample: Literal["auto", "opacus", "loop"] = "auto"
 
 
 class SecureAggregationConfig(_Section):

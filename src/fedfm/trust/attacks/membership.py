@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from fedfm.models.per_example import per_example_loss
 
 
 @torch.no_grad()
@@ -40,24 +39,7 @@ def per_example_losses(model: torch.nn.Module, examples: Sequence[dict[str, Any]
     try:
         for start in range(0, len(examples), batch_size):
             batch = collate(list(examples[start:start + batch_size]))
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            labels = batch["labels"]
-            if task == "classification":
-                logits = model(**inputs).logits.float()
-                losses.extend(F.cross_entropy(logits, labels.long().view(-1),
-                                              reduction="none").tolist())
-                continue
-            if task == "seq2seq":
-                logits = model(**inputs, labels=labels, use_cache=False).logits.float()
-                targets = labels
-            else:
-                logits = model(**inputs, use_cache=False).logits.float()
-                logits = logits[:, -labels.shape[1]:][:, :-1]
-                targets = labels[:, 1:]
-            token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
-                                    ignore_index=IGNORE_INDEX)
-            counts = (targets != IGNORE_INDEX).sum(1).clamp(min=1)
-            losses.extend((token.sum(1) / counts).tolist())
+            losses.extend(per_example_loss(model, batch, task).tolist())
     finally:
         model.train(was_training)
     return np.asarray(losses, dtype=np.float64)
