@@ -110,14 +110,17 @@ def test_tokens_are_read_off_an_embedding_update(lm_config) -> None:
     assert tokens["true_tokens"] > 20
 
 
-def test_token_recovery_is_not_applicable_without_an_embedding_update(lm_config) -> None:
+def test_lora_runs_leak_tokens_through_the_first_layer_update(lm_config) -> None:
     from fedfm.trust.attacks.evaluate import privacy_attacks
 
     result = api.run(lm_config(federation={"num_clients": 2, "clients_per_round": 2,
                                            "rounds": 1}))
     report = privacy_attacks(result.run_dir, max_examples=20, clients=1)
     tokens = next(iter(report["clients"].values()))["token_recovery"]
-    assert tokens["applicable"] is False and "no input-embedding" in tokens["why"]
+    assert tokens["applicable"] and tokens["method"] == "first_layer_span"
+    # 3 Adam steps on ~380 token positions against a rank-8 update: a weak but real signal
+    # (the exact and strong cases are in test_token_recovery.py)
+    assert tokens["auc"] > 0.5 and tokens["true_tokens"] > 20
 
 
 def test_canaries_need_causal_lm_data(cls_config) -> None:

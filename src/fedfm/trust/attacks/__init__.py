@@ -4,8 +4,8 @@
 from fedfm.core.registries import ATTACKS
 from fedfm.core.registry import MethodInfo
 from fedfm.trust.attacks.canaries import exposure
-from fedfm.trust.attacks.evaluate import recover_tokens
 from fedfm.trust.attacks.membership import membership_inference
+from fedfm.trust.attacks.token_recovery import recover_tokens
 
 ATTACKS.register("membership_inference", MethodInfo(
     "trust.privacy.attacks",
@@ -23,8 +23,9 @@ ATTACKS.register("canary_exposure", MethodInfo(
 )(exposure)
 ATTACKS.register("token_recovery", MethodInfo(
     "trust.privacy.attacks",
-    "Deep Leakage from Gradients (Zhu et al., NeurIPS 2019): embedding rows move only for "
-    "tokens in the batch",
-    "adapter: {kind: full}  # then: fedfm attack privacy RUN_DIR",
-    "the tokens of a client's batches, read off its embedding update"),
+    "Deep Leakage from Gradients (Zhu et al., NeurIPS 2019); DAGER: Exact Gradient Inversion "
+    "for Large Language Models (Petrov et al., NeurIPS 2024)",
+    "adapter: {kind: lora}  # then: fedfm attack privacy RUN_DIR",
+    "the tokens of a client's batches, read off its embedding, LoRA-embedding or first-layer "
+    "update"),
 )(recover_tokens)

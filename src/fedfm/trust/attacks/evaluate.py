@@ -19,6 +19,7 @@ from fedfm.trust.attacks.membership import (
     membership_inference,
     per_example_losses,
 )
+from fedfm.trust.attacks.token_recovery import recover_tokens
 
 
 def _sample(items: list[dict[str, Any]], count: int, seed: int) -> list[dict[str, Any]]:
@@ -93,7 +94,8 @@ def privacy_attacks(run_dir: str | Path, *, max_examples: int = 400, clients: in
         # under DP) update
         local = state_ops.add(state, result.update.payload)
         found = attacks(local, own, outside)
-        found["token_recovery"] = recover_tokens(workload.model, result.update.payload, seen)
+        found["token_recovery"] = recover_tokens(workload.model, result.update.payload, seen,
+                                                  max_positions=config.model.max_length)
         report["clients"][str(client_id)] = found
     if config.eval.canaries is not None:
         report["canaries"] = _canary_exposure(workload, config, state, start)
@@ -110,32 +112,6 @@ def _recording(collate: Any, seen: list[dict[str, Any]]) -> Any:
         seen.append(batch)
         return batch
     return wrapped
-
-
-def recover_tokens(model: Any, payload: dict[str, Any], batches: list[dict[str, Any]]
-                   ) -> dict[str, Any]:
-    """Which tokens a client's batches held, read off its update of the input embedding: a row
-    moves only if its token was looked up (Zhu et al., "Deep Leakage from Gradients", NeurIPS
-    2019, note the same for embedding gradients). Precision and recall against the tokens the
-    client really fed (attention-masked positions only); in a causal LM a token seen only as a
-    row's last token predicts nothing, gets no gradient, and is the one way to stay hidden."""
-    embedding = model.get_input_embeddings().weight
-    key = next((name for name, param in model.named_parameters() if param is embedding), None)
-    if key is None or key not in payload:
-        return {"applicable": False,
-                "why": "the update carries no input-embedding matrix (e.g. LoRA on attention "
-                       "only); nothing to read token ids from"}
-    moved = payload[key].abs().sum(dim=1) > 0
-    recovered = set(int(i) for i in moved.nonzero().flatten())
-    truth: set[int] = set()
-    for batch in batches:
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        kept = ids[mask.bool()] if mask is not None else ids.flatten()
-        truth.update(int(i) for i in kept)
-    hits = len(recovered & truth)
-    return {"applicable": True, "recovered": len(recovered), "true_tokens": len(truth),
-            "precision": hits / max(len(recovered), 1), "recall": hits / max(len(truth), 1)}
 
 
 def _canary_exposure(workload: Any, config: Any, state: Any, reference: Any
