@@ -125,6 +125,17 @@ def test_secure_fedavg_equals_plain_fedavg_up_to_fixed_point(cls_config) -> None
     assert S.max_abs_diff(plain.final_state, secure.final_state) < 1e-5
     report = secure.metrics[-1]["secure_aggregation"]
     assert report["survived"] == 5 and report["bytes_up_per_client"] > 0
+    # the round's bytes are the protocol's: the masked 64-bit ring words, the keys and shares
+    # replace the plain fp32 payload up, and the protocol's messages add to the broadcast down
+    for plain_round, secure_round in zip(plain.metrics, secure.metrics, strict=True):
+        assert secure_round["bytes_up"] > 1.5 * plain_round["bytes_up"]
+        assert secure_round["bytes_down"] > plain_round["bytes_down"]
+        sent = [c["bytes_up"] for c in secure_round["clients"].values()]
+        assert sum(sent) == secure_round["bytes_up"]
+        assert secure_round["bytes_up"] / 5 == pytest.approx(
+            secure_round["secure_aggregation"]["bytes_up_per_client"])
+        assert "wire_bytes" not in secure_round
+    assert secure.summary["bytes_up"] == sum(r["bytes_up"] for r in secure.metrics)
 
 
 def test_distributed_dp_with_secure_aggregation_end_to_end(cls_config) -> None:

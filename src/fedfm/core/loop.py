@@ -23,7 +23,7 @@ from fedfm.core import state as state_ops
 from fedfm.core.algorithm import ClientState, ServerRule
 from fedfm.core.client_store import ClientStore
 from fedfm.core.state import State
-from fedfm.core.update import Broadcast, ClientUpdate, validate_update
+from fedfm.core.update import WIRE_BYTES, Broadcast, ClientUpdate, validate_update
 
 
 def derive_seed(seed: int, *path: int) -> int:
@@ -208,7 +208,9 @@ class RoundLoop:
             record["aborted"] = aborted
         round_metrics = getattr(self.server, "round_metrics", None)
         if round_metrics is not None and aborted is None:  # e.g. the privacy budget spent
-            record.update(round_metrics())
+            found = dict(round_metrics())
+            _book_wire_bytes(record, found.pop(WIRE_BYTES, None))
+            record.update(found)
         eval_time = 0.0
         if self._is_eval_round(round_index):
             eval_start = time.perf_counter()
@@ -302,6 +304,22 @@ class RoundLoop:
     def _emit_end(self, record: dict[str, Any]) -> None:
         for observer in self.observers:
             observer.on_round_end(record)
+
+
+def _book_wire_bytes(record: dict[str, Any],
+                     wire: dict[int, tuple[int, int]] | None) -> None:
+    """A protocol that replaced the clients' uploads (secure aggregation) sent its own bytes:
+    they replace each such client's payload size up and add to its broadcast down."""
+    if not wire:
+        return
+    for client_id, (sent, received) in wire.items():
+        entry = record["clients"].get(str(client_id))
+        if entry is None:
+            continue
+        entry["bytes_up"] = int(sent)
+        entry["bytes_down"] = int(entry.get("bytes_down", 0)) + int(received)
+    record["bytes_up"] = sum(int(e.get("bytes_up", 0)) for e in record["clients"].values())
+    record["bytes_down"] = sum(int(e.get("bytes_down", 0)) for e in record["clients"].values())
 
 
 def _weighted_metric(updates: list[ClientUpdate], name: str) -> float | None:

@@ -9,6 +9,11 @@ from typing import Any
 from fedfm.core import state as state_ops
 from fedfm.core.state import State
 
+# round-metrics key under which a protocol that replaces the clients' uploads (secure
+# aggregation) reports what really crossed the wire: {client id: (bytes sent, bytes received)};
+# the loop books it in place of the plain payload's size
+WIRE_BYTES = "wire_bytes"
+
 
 @dataclass
 class ClientUpdate:

@@ -32,7 +32,7 @@ from fedfm.config import ClientDPConfig
 from fedfm.core import state as state_ops
 from fedfm.core.algorithm import ClientContext, ClientProcedure, ClientResult
 from fedfm.core.state import State
-from fedfm.core.update import Broadcast, ClientUpdate
+from fedfm.core.update import WIRE_BYTES, Broadcast, ClientUpdate
 from fedfm.trust.privacy.accountant import ClientLevelAccountant, SamplingModel
 
 EXTRAS_KEY = "client_dp"  # Broadcast.extras entry: clip norm and per-client noise std
@@ -182,6 +182,7 @@ class DPServer:
         found: dict[str, Any] = {"privacy": dict(self._last)}
         if self.secure is not None:
             found["secure_aggregation"] = dict(self.secure.last)
+            found[WIRE_BYTES] = dict(self.secure.wire)
         return found
 
     # ------------------------------------------------------------------ parts

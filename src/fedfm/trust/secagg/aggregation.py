@@ -20,7 +20,7 @@ from fedfm.config import SecureAggregationConfig
 from fedfm.core.registries import AGGREGATORS
 from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
-from fedfm.core.update import ClientUpdate
+from fedfm.core.update import WIRE_BYTES, ClientUpdate
 from fedfm.trust.secagg.protocol import FixedPoint
 from fedfm.trust.secagg.simulate import secure_sum
 
@@ -51,6 +51,8 @@ class SecureSum:
         self.seed = seed
         self.encoding = FixedPoint(bound=cfg.bound, frac_bits=cfg.frac_bits)
         self.last: dict[str, float] = {}
+        # the last round's protocol traffic per client: (sent, received) bytes
+        self.wire: dict[int, tuple[int, int]] = {}
 
     def graph_parameters(self, num_clients: int) -> tuple[int, int]:
         """(degree, threshold) for a round with ``num_clients`` participants."""
@@ -82,6 +84,7 @@ class SecureSum:
         gone = {u for u in encoded if rng.random() < self.cfg.simulate_dropout_prob}
         result = secure_sum(encoded, threshold=threshold, degree=degree,
                             seed=int(rng.integers(2**31)), drop_after_shares=gone)
+        self.wire = dict(result.cost.per_client)
         decoded = self.encoding.decode(result.total)
         size = decoded.size - width
         self.last = {"clients": float(len(encoded)), "survived": float(len(result.survived)),
@@ -125,4 +128,4 @@ class SecureMean:
         return OrderedDict((k, v / float(extra[0])) for k, v in total.items())
 
     def round_metrics(self) -> dict[str, Any]:
-        return {"secure_aggregation": dict(self.summer.last)}
+        return {"secure_aggregation": dict(self.summer.last), WIRE_BYTES: dict(self.summer.wire)}

@@ -24,6 +24,8 @@ class SecAggCost:
     client_seconds: float = 0.0
     server_seconds: float = 0.0
     steps: dict[str, float] = field(default_factory=dict)
+    # client id -> (bytes sent, bytes received) over the whole protocol
+    per_client: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,5 +93,6 @@ def secure_sum(inputs: dict[int, np.ndarray], *, threshold: int, degree: int, se
     server_seconds = time.perf_counter() - server_start
     cost = SecAggCost(bytes_up_per_client=float(np.mean(list(up.values()))),
                       bytes_down_per_client=float(np.mean(list(down.values()))),
-                      client_seconds=client_time / len(ids), server_seconds=server_seconds)
+                      client_seconds=client_time / len(ids), server_seconds=server_seconds,
+                      per_client={u: (up[u], down[u]) for u in ids})
     return SecAggResult(total, survived, dropped, cost)
