@@ -128,3 +128,23 @@ def test_canaries_need_causal_lm_data(cls_config) -> None:
 
     with pytest.raises(ConfigError, match="eval.canaries needs causal-LM data"):
         cls_config(eval={"canaries": {"client": 0}})
+
+
+def test_reference_model_is_trained_with_the_runs_privacy_mechanism(cls_config) -> None:
+    from fedfm.core import state as state_ops
+    from fedfm.trust.attacks.evaluate import train_reference
+
+    clip = 1e-3
+    config = cls_config(privacy={"client_dp": {"noise_multiplier": 0.0, "clip_norm": clip,
+                                               "sampling": "fixed"}})
+    algorithm = api.build_algorithm(config)
+    workload = api.build_workload(config, algorithm)
+    start = workload.get_state()
+    population = workload.data.global_validation[:16]
+    reference = train_reference(workload, config, population, start)
+    moved = state_ops.global_norm(state_ops.sub(reference, start))
+    # DP-FedAvg's server moves by at most the clip norm per round (2 rounds here)
+    assert 0 < moved <= 2 * clip * 1.001
+    plain = cls_config()
+    unclipped = train_reference(workload, plain, population, start)
+    assert state_ops.global_norm(state_ops.sub(unclipped, start)) > 10 * moved

@@ -72,8 +72,8 @@ def privacy_attacks(run_dir: str | Path, *, max_examples: int = 400, clients: in
 
     report: dict[str, Any] = {
         "run_dir": str(record.path), "round": attacked_round,
-        "reference_model": (f"the run's starting model trained like one client for the whole "
-                            f"run on {len(population)} never-trained-on rows (population data)"),
+        "reference_model": (f"a shadow federation of the run's algorithm and privacy mechanisms "
+                            f"over {len(population)} never-trained-on rows (population data)"),
         "nonmembers": f"{len(nonmembers)} rows of the global validation set",
         "global": attacks(state, members, nonmembers),
         "clients": {},
@@ -132,21 +132,35 @@ def _canary_exposure(workload: Any, config: Any, state: Any, reference: Any
 
 def train_reference(workload: Any, config: Any, population: list[dict[str, Any]],
                     start: Any) -> Any:
-    """The attacker's reference model (Watson et al., ICLR 2022): the run's starting model
-    trained with the run's local procedure, for as many steps as one client takes over the whole
-    run, on population data the federation never trained on."""
-    from fedfm.algorithms.local_train import num_optimizer_steps, train_locally
+    """The attacker's reference model (Watson et al., ICLR 2022), trained the way the target
+    was: a shadow federation (Shokri et al., S&P 2017) of ``clients_per_round`` clients that
+    split the population data (rows the federation never trained on), run from the starting
+    model for the run's rounds with the run's own algorithm and privacy mechanisms (DP-SGD, the
+    clipping and noise of DP-FedAvg), so that the reference is as far from the start as the
+    target is."""
+    from fedfm import api
     from fedfm.core.algorithm import ClientContext
 
-    local = config.algorithm.local
-    steps = config.federation.rounds * num_optimizer_steps(local, len(population))
-    plan = local.model_copy(update={"steps": steps, "epochs": None})
-    workload.set_state(start)
-    context = ClientContext(
-        client_id=-1, round=0, seed=config.seed + 17, model=workload.model,
-        get_state=workload.get_state, set_state=workload.set_state, train_examples=population,
-        collate=workload.collate_fn(), device=workload.device,
-        autocast_dtype=workload.autocast_dtype, loss_fn=workload.loss_fn,
-        max_length=config.model.max_length)
-    train_locally(context, plan)
-    return workload.get_state()
+    algorithm = api.build_algorithm(config)  # a fresh server: its own accountant, clip, state
+    shadows = max(1, min(config.federation.clients_per_round, len(population)))
+    shards = [population[i::shadows] for i in range(shadows)]
+    client_states: dict[int, Any] = {}
+    global_state = start
+    for round_index in range(1, config.federation.rounds + 1):
+        broadcast = Broadcast(global_state=global_state, round=round_index,
+                              extras=algorithm.server.broadcast_extras(global_state))
+        updates = []
+        for shadow, shard in enumerate(shards):
+            workload.set_state(global_state)
+            context = ClientContext(
+                client_id=shadow, round=round_index,
+                seed=config.seed + 7919 * round_index + 17 * shadow + 1, model=workload.model,
+                get_state=workload.get_state, set_state=workload.set_state,
+                train_examples=shard, collate=workload.collate_fn(), device=workload.device,
+                autocast_dtype=workload.autocast_dtype, loss_fn=workload.loss_fn,
+                max_length=config.model.max_length, client_state=client_states.get(shadow))
+            result = algorithm.client.run(context, broadcast)
+            client_states[shadow] = result.client_state
+            updates.append(result.update)
+        global_state = algorithm.server.aggregate(global_state, updates, round_index)
+    return global_state
