@@ -4,7 +4,8 @@ a config into components (the one place where that happens)."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from fedfm.core.loop import LoopSettings, LoopSnapshot, RoundLoop, Runtime
 from fedfm.core.registries import (
     AGGREGATORS,
     ALGORITHMS,
+    POISONING,
     PRIVACY,
     RUNTIMES,
     SERVER_OPTIMIZERS,
@@ -101,6 +103,20 @@ def check_components(config: RunConfig) -> None:
             raise ConfigError(f"invalid config: {path}: unknown {registry.kind} {value!r} "
                               f"(available: {', '.join(registry.names())})")
     _check_secure_aggregation(config)
+    _check_attack(config)
+
+
+def _check_attack(config: RunConfig) -> None:
+    attack = config.robustness.attack
+    if attack is None:
+        return
+    if attack.kind not in POISONING:
+        raise ConfigError(f"invalid config: robustness.attack.kind: unknown poisoning attack "
+                          f"{attack.kind!r} (available: {', '.join(POISONING.names())})")
+    if attack.kind == "label_flip" and config.data.format != "classification":
+        raise ConfigError(f"invalid config: robustness.attack.kind 'label_flip' needs "
+                          f"classification data (data.format is {config.data.format!r}); use "
+                          f"'backdoor' for language models")
 
 
 def _check_secure_aggregation(config: RunConfig) -> None:
@@ -158,7 +174,20 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         algorithm = PRIVACY.get("client_dp")(algorithm, config)
     if config.privacy.secure_aggregation is not None:
         algorithm = PRIVACY.get("secure_aggregation")(algorithm, config)
+    if config.robustness.attack is not None:  # outermost: attackers forge what arrives
+        algorithm = _with_attackers(algorithm, config)
     return algorithm
+
+
+def _with_attackers(algorithm: Algorithm, config: RunConfig) -> Algorithm:
+    from fedfm.trust.robust.attacks import ByzantineServer, build_attack, malicious_clients
+
+    attack = config.robustness.attack
+    assert attack is not None
+    malicious = malicious_clients(config.federation.num_clients, attack.fraction, config.seed)
+    server = ByzantineServer(algorithm.server, build_attack(attack), malicious, config.seed)
+    info = {**algorithm.info, "attack": attack.kind, "malicious_clients": malicious}
+    return replace(algorithm, server=server, info=info)
 
 
 def build_client_store(config: RunConfig, run_dir: Path | None) -> ClientStore:
@@ -198,10 +227,75 @@ def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
     if empty:
         raise ConfigError(f"clients {empty[:10]} have no training examples; lower "
                           f"federation.num_clients or raise data.partition.min_size")
+    backdoor_eval = poison_data(config, data, bundle)
     probe = probe_batch(config, data, bundle, device)
     speed, loss_fn, autocast_dtype = prepare_fast_path(bundle, config.runtime, device, probe)
-    return Workload(bundle=bundle, data=data, client=algorithm.client, config=config,
-                    device=device, autocast_dtype=autocast_dtype, loss_fn=loss_fn, speed=speed)
+    workload = Workload(bundle=bundle, data=data, client=algorithm.client, config=config,
+                        device=device, autocast_dtype=autocast_dtype, loss_fn=loss_fn,
+                        speed=speed, backdoor_eval=backdoor_eval)
+    _bind_root_data(algorithm, workload)
+    return workload
+
+
+def poison_data(config: RunConfig, data: Any, bundle: Any) -> list[dict[str, Any]] | None:
+    """Data poisoning of the malicious clients (``robustness.attack``); the triggered
+    validation rows when the attack is a backdoor (for the attack success rate)."""
+    from fedfm.trust.robust.attacks import build_attack, malicious_clients
+    from fedfm.trust.robust.poisoning import Poisoner, backdoor_eval_set, poison_clients
+
+    cfg = config.robustness.attack
+    if cfg is None:
+        return None
+    attack = build_attack(cfg)
+    if not attack.poisons_data:
+        return None
+    poisoner = Poisoner(cfg, bundle.tokenizer, bundle.task, config.model.max_length,
+                        data.num_labels)
+    malicious = malicious_clients(config.federation.num_clients, cfg.fraction, config.seed)
+    poison_clients(data, cfg, poisoner, malicious, config.seed)
+    return backdoor_eval_set(data.global_validation, poisoner) if attack.backdoor else None
+
+
+def _bind_root_data(algorithm: Algorithm, workload: Any) -> None:
+    """FLTrust's server update: local training, like a client, on ``root_rows`` rows taken out
+    of the global validation set (they are no longer evaluated on)."""
+    from fedfm.trust.robust.aggregators import FLTrust
+    from fedfm.trust.robust.attacks import ByzantineServer
+
+    server = algorithm.server
+    while isinstance(server, ByzantineServer):
+        server = server.inner
+    aggregator = getattr(server, "aggregator", None) or getattr(
+        getattr(server, "model_server", None), "aggregator", None)
+    if not isinstance(aggregator, FLTrust):
+        return
+    config = workload.config
+    rows = config.algorithm.robust.root_rows
+    validation = workload.data.global_validation
+    if len(validation) < rows + 1:
+        raise ConfigError(f"invalid config: algorithm.aggregator 'fltrust' takes "
+                          f"algorithm.robust.root_rows={rows} rows of the global validation "
+                          f"set as the server's root data, but it has {len(validation)}")
+    root = validation[:rows]
+    workload.data.global_validation = validation[rows:]
+    aggregator.bind_root(partial(_root_update, workload, root))
+
+
+def _root_update(workload: Any, root: list[dict[str, Any]], global_state: State) -> State:
+    from fedfm.algorithms.fedavg import DeltaClient
+    from fedfm.core.algorithm import ClientContext
+    from fedfm.core.update import Broadcast
+
+    config = workload.config
+    workload.set_state(global_state)
+    context = ClientContext(
+        client_id=-1, round=0, seed=config.seed + 104729, model=workload.model,
+        get_state=workload.get_state, set_state=workload.set_state, train_examples=root,
+        collate=workload.collate_fn(), device=workload.device,
+        autocast_dtype=workload.autocast_dtype, loss_fn=workload.loss_fn,
+        max_length=config.model.max_length)
+    result = DeltaClient(config.algorithm.local).run(context, Broadcast(global_state))
+    return result.update.payload
 
 
 def probe_batch(config: RunConfig, data: Any, bundle: Any,

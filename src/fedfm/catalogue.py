@@ -79,6 +79,7 @@ def registries() -> list[Registry[Any]]:
         AGGREGATORS,
         ALGORITHMS,
         ATTACKS,
+        POISONING,
         PRIVACY,
         RUNTIMES,
         SERVER_OPTIMIZERS,
@@ -86,7 +87,7 @@ def registries() -> list[Registry[Any]]:
     from fedfm.data.partition import PARTITIONERS
 
     return [ADAPTERS, ALGORITHMS, SERVER_OPTIMIZERS, AGGREGATORS, PARTITIONERS, PRIVACY,
-            ATTACKS, RUNTIMES]
+            ATTACKS, POISONING, RUNTIMES]
 
 
 class CatalogueError(RuntimeError):

@@ -215,6 +215,29 @@ class ServerOptimizerConfig(_Section):
     initial_accumulator: float | None = Field(default=None, ge=0)
 
 
+class RobustAggregationConfig(_Section):
+    """Options of the robust aggregators (``algorithm.aggregator`` names the rule). ``f``, the
+    number of Byzantine clients a rule must tolerate in a round of ``n``, is
+    ``floor(byzantine_fraction * n)``. With LoRA, ``lora_space: product`` measures distances,
+    norms and similarities on each adapted layer's ``B A`` (the change the model really sees)
+    and ``factors`` on the raw ``A`` and ``B``; coordinate-wise rules always work on factors."""
+
+    byzantine_fraction: float = Field(default=0.2, ge=0.0, lt=0.5)
+    trim_ratio: float | None = Field(default=None, ge=0.0, lt=0.5)  # None: byzantine_fraction
+    multi_krum_m: int | None = Field(default=None, ge=1)  # clients averaged; None: n - f
+    lora_space: Literal["product", "factors"] = "product"
+    geomed_iters: int = Field(default=100, ge=1)  # Weiszfeld iterations (RFA)
+    geomed_tol: float = Field(default=1e-7, gt=0.0)
+    # centered clipping radius tau and iterations; None: the median distance to the center
+    cc_radius: float | None = Field(default=None, gt=0.0)
+    cc_iters: int = Field(default=3, ge=1)
+    norm_bound: float | None = Field(default=None, gt=0.0)  # None: the round's median norm
+    dnc_iters: int = Field(default=5, ge=1)
+    dnc_dim: int = Field(default=10000, ge=1)  # coordinates sampled per DnC iteration
+    dnc_filter: float = Field(default=1.0, gt=0.0)  # DnC removes filter * f outliers
+    root_rows: int = Field(default=100, ge=1)  # FLTrust: server root data (validation rows)
+
+
 class AlgorithmConfig(_Section):
     """How clients learn: the client procedure and the server rule, found by name."""
 
@@ -222,6 +245,7 @@ class AlgorithmConfig(_Section):
     aggregator: str = "mean"  # checked against the aggregator registry
     mu: float = Field(default=0.0, ge=0)  # fedprox proximal weight
     weighting: Literal["examples", "uniform"] = "examples"
+    robust: RobustAggregationConfig = Field(default_factory=RobustAggregationConfig)
     local: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
 
@@ -404,6 +428,35 @@ class SecureAggregationConfig(_Section):
         return self
 
 
+class AttackConfig(_Section):
+    """Simulated Byzantine clients: a fixed ``fraction`` of all clients (drawn from the run's
+    seed) are malicious. Data poisoning (``label_flip``, ``backdoor``) changes their training
+    data; model poisoning (``sign_flip``, ``gaussian``, ``scaling``, ``alie``, ``ipm``,
+    ``min_max``, ``min_sum``) replaces their updates, seeing every honest update of the round
+    as the papers assume."""
+
+    kind: str  # checked against the poisoning-attack registry
+    fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # data poisoning: share of a malicious client's examples poisoned (None: all for label
+    # flipping, half for backdoors)
+    poison_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    trigger: str = "cf mn bb"  # backdoor trigger phrase, prepended to the input text
+    target_label: int = Field(default=0, ge=0)  # backdoor target class (classification)
+    target_response: str = "I cannot help with that."  # backdoor target response (LMs)
+    scale: float | None = Field(default=None, gt=0.0)  # scaling boost; None: clients per round
+    noise_std: float = Field(default=1.0, gt=0.0)  # gaussian: std of each coordinate
+    alie_z: float | None = None  # ALIE's z; None: the paper's z_max for (n, f)
+    ipm_epsilon: float = Field(default=0.1, gt=0.0)  # IPM: sends -epsilon * benign mean
+    # min-max / min-sum perturbation direction: unit_vector (-mean/|mean|), std (-std), sign
+    perturbation: Literal["unit_vector", "std", "sign"] = "std"
+
+
+class RobustnessConfig(_Section):
+    """Robustness experiments: simulated attacks (robust rules: ``algorithm.aggregator``)."""
+
+    attack: AttackConfig | None = None
+
+
 class PrivacyConfig(_Section):
     """Privacy mechanisms of the run (none by default); they compose."""
 
@@ -426,6 +479,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

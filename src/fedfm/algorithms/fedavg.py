@@ -62,9 +62,14 @@ class DeltaServer:
         return {}
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
+        robust = getattr(self.aggregator, "aggregate_robust", None)  # sees the global State
         by_round = getattr(self.aggregator, "aggregate_round", None)  # e.g. secure aggregation
-        pseudo_gradient = (by_round(updates, round) if by_round is not None
-                           else self.aggregator.aggregate(updates))
+        if robust is not None:
+            pseudo_gradient = robust(global_state, updates, round)
+        elif by_round is not None:
+            pseudo_gradient = by_round(updates, round)
+        else:
+            pseudo_gradient = self.aggregator.aggregate(updates)
         return self.optimizer.step(global_state, pseudo_gradient)
 
     def round_metrics(self) -> dict:
@@ -72,12 +77,21 @@ class DeltaServer:
         return found() if found is not None else {}
 
     def state_dict(self) -> dict[str, State]:
-        return {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
+        states = {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
+        own = getattr(self.aggregator, "state_dict", None)  # e.g. centered clipping's center
+        if own is not None:
+            states.update({f"aggregator.{k}": v for k, v in own().items()})
+        return states
 
     def load_state_dict(self, states: Mapping[str, State]) -> None:
-        prefix = "optimizer."
-        self.optimizer.load_state_dict(
-            {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)})
+        self.optimizer.load_state_dict(_with_prefix(states, "optimizer."))
+        own = getattr(self.aggregator, "load_state_dict", None)
+        if own is not None:
+            own(_with_prefix(states, "aggregator."))
+
+
+def _with_prefix(states: Mapping[str, State], prefix: str) -> dict[str, State]:
+    return {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)}
 
 
 def build_delta_server(cfg: AlgorithmConfig) -> DeltaServer:
@@ -85,7 +99,7 @@ def build_delta_server(cfg: AlgorithmConfig) -> DeltaServer:
     if aggregator is WeightedMean:
         return DeltaServer(WeightedMean(cfg.weighting),
                            build_server_optimizer(cfg.server_optimizer))
-    return DeltaServer(aggregator(), build_server_optimizer(cfg.server_optimizer))
+    return DeltaServer(aggregator(cfg), build_server_optimizer(cfg.server_optimizer))
 
 
 @ALGORITHMS.register("fedavg", MethodInfo(

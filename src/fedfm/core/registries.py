@@ -24,5 +24,8 @@ PRIVACY: Registry[Any] = Registry("privacy mechanism")
 ATTACKS: Registry[Any] = Registry("attack")
 """name -> the function that runs the attack (evaluation tools: ``fedfm attack ...``)."""
 
+POISONING: Registry[Any] = Registry("poisoning attack")
+"""name -> ``trust.robust.attacks.PoisoningAttack`` subclass: simulated Byzantine clients."""
+
 RUNTIMES: Registry[Any] = Registry("runtime")
 """name -> factory ``(workload, config, client_store) -> core.loop.Runtime``."""

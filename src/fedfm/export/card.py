@@ -141,16 +141,21 @@ def _privacy(record: RunRecord, round_index: int) -> dict[str, Any]:
 
 
 def _robustness(record: RunRecord) -> dict[str, Any]:
-    dumped = record.config.model_dump(mode="json")
-    if dumped.get("robustness"):
-        return dumped["robustness"]
-    if record.config.privacy.client_dp is not None:
+    config = record.config
+    attack = config.robustness.attack
+    simulated = None if attack is None else attack.model_dump(mode="json", exclude_none=True)
+    if config.privacy.client_dp is not None:
         return {"aggregator": "DP-FedAvg: sum of clipped updates plus Gaussian noise, divided "
                               "by the expected number of clients", "byzantine_robust": False,
-                "attacks_simulated": None}
-    weighting = record.config.algorithm.weighting
-    return {"aggregator": f"mean weighted by {weighting}", "byzantine_robust": False,
-            "attacks_simulated": None}
+                "attacks_simulated": simulated}
+    name = config.algorithm.aggregator
+    if name in ("mean", "secure_mean"):
+        return {"aggregator": f"mean weighted by {config.algorithm.weighting}",
+                "byzantine_robust": False, "attacks_simulated": simulated}
+    robust = config.algorithm.robust
+    return {"aggregator": name, "byzantine_robust": True,
+            "byzantine_fraction": robust.byzantine_fraction, "lora_space": robust.lora_space,
+            "attacks_simulated": simulated}
 
 
 def _communication(record: RunRecord, round_index: int) -> dict[str, Any]:
@@ -247,8 +252,16 @@ def _privacy_text(privacy: dict[str, Any]) -> str:
 
 def _robustness_text(robustness: dict[str, Any]) -> str:
     if robustness.get("byzantine_robust") is False:
-        return f"{robustness['aggregator']} (not Byzantine-robust)"
-    return ", ".join(f"{k}={v}" for k, v in robustness.items())
+        text = f"{robustness['aggregator']} (not Byzantine-robust)"
+    else:
+        text = (f"{robustness['aggregator']} (Byzantine-robust, tolerates a "
+                f"{robustness['byzantine_fraction']:g} share; LoRA geometry: "
+                f"{robustness['lora_space']})")
+    attack = robustness.get("attacks_simulated")
+    if attack:
+        text += (f"; simulated attack: {attack['kind']} by {attack['fraction']:g} of the "
+                 f"clients")
+    return text
 
 
 def _fmt(value: Any) -> str:

@@ -44,6 +44,8 @@ class Workload:
     autocast_dtype: torch.dtype | None
     loss_fn: LossFn = standard_loss
     speed: SpeedPlan = field(default_factory=SpeedPlan)
+    # triggered validation rows of a simulated backdoor (robustness.attack): attack success rate
+    backdoor_eval: list[dict[str, Any]] | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -74,6 +76,8 @@ class Workload:
         report = EvalReport(global_metrics=self._evaluate_set(examples, eval_cfg))
         if self.bundle.task != "classification" and eval_cfg.generation.enabled and examples:
             report.global_metrics.update(self._generation_metrics(examples, eval_cfg))
+        if self.backdoor_eval:
+            report.global_metrics["attack_success_rate"] = self._attack_success(eval_cfg)
         if per_client:
             for client in self.data.clients:
                 if client.validation:
@@ -92,6 +96,17 @@ class Workload:
                 self.model, by_length, task=self.bundle.task, collate_fn=self.collate_fn(),
                 batch_size=eval_cfg.batch_size, device=self.device,
                 autocast_dtype=self.autocast_dtype, num_labels=self.bundle.num_labels)
+
+    def _attack_success(self, eval_cfg: EvalConfig) -> float:
+        from fedfm.trust.robust.poisoning import attack_success_rate
+
+        triggered = self.backdoor_eval or []
+        if eval_cfg.max_examples is not None:
+            triggered = triggered[: eval_cfg.max_examples]
+        return attack_success_rate(self.model, triggered, self.collate_fn(),
+                                   task=self.bundle.task, device=self.device,
+                                   batch_size=eval_cfg.batch_size,
+                                   autocast_dtype=self.autocast_dtype)
 
     def _generation_metrics(self, examples: list[dict[str, Any]], eval_cfg: EvalConfig
                             ) -> dict[str, float]:
