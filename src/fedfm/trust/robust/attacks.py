@@ -37,7 +37,7 @@ import torch
 from fedfm.config import AttackConfig
 from fedfm.core.registries import POISONING
 from fedfm.core.registry import MethodInfo
-from fedfm.core.state import State
+from fedfm.core.state import State, global_norm, sub
 from fedfm.core.update import ClientUpdate
 from fedfm.trust.robust.geometry import flatten, unflatten
 
@@ -255,7 +255,10 @@ class ByzantineServer:
         new_global = self.inner.aggregate(global_state, crafted, round)
         present = sorted(u.client_id for u in crafted if u.client_id in self.malicious)
         self._last = {"kind": self.attack.cfg.kind, "malicious": present,
-                      "rejected_at_screening": rejected}
+                      "rejected_at_screening": rejected,
+                      # what the server really applied (the record's update_norm is the honest
+                      # updates' mean)
+                      "applied_update_norm": global_norm(sub(new_global, global_state))}
         self._last.update(detection(self._flagged(), present, [u.client_id for u in crafted]))
         return new_global
 
