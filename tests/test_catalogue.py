@@ -35,7 +35,9 @@ def test_each_config_snippet_enables_its_method(entry) -> None:
     config = config_from_dict(deep_update(base, snippet)).model_dump()
     where = {"adapter": ("adapter", "kind"), "algorithm": ("algorithm", "name"),
              "server optimizer": ("algorithm", "server_optimizer", "name"),
-             "partitioner": ("data", "partition", "kind"), "runtime": ("runtime", "kind")}
+             "partitioner": ("data", "partition", "kind"), "runtime": ("runtime", "kind"),
+             "aggregator": ("algorithm", "aggregator"),
+             "poisoning attack": ("robustness", "attack", "kind")}
     if entry.registry == "attack":  # run after training; the snippet sets what it needs
         if entry.name == "canary_exposure":
             assert config["eval"]["canaries"] is not None
@@ -45,9 +47,6 @@ def test_each_config_snippet_enables_its_method(entry) -> None:
         return
     if entry.name == "secure_mean":  # chosen by privacy.secure_aggregation
         assert config["privacy"]["secure_aggregation"] is not None
-        return
-    if entry.registry == "aggregator":  # chosen through the algorithm's weighting today
-        assert config["algorithm"]["weighting"] == "examples"
         return
     value = config
     for key in where[entry.registry]:
