@@ -9,7 +9,7 @@ triggered validation sentences of the other class classified as the target), and
 aggregators that leave clients out, the mean detection precision / recall over rounds. One JSON
 line per cell, then a table; the table is what the README shows.
 
-    python bench/robustness.py [--rounds 5] [--rows 2000] [--aggregators mean,krum]
+    python bench/robustness.py [--rounds 3] [--rows 1000] [--steps 3] [--aggregators mean,krum]
                                [--attacks none,alie]
 """
 
@@ -42,7 +42,7 @@ def config(aggregator: str, attack: str, args: argparse.Namespace, out: str) -> 
                  "validation_path": str(DATA / "sst2_validation.jsonl"),
                  "text_field": "sentence", "label_field": "label",
                  "label_names": ["negative", "positive"], "max_rows": args.rows,
-                 "max_validation_rows": 500, "partition": {"kind": "iid"}},
+                 "max_validation_rows": 400, "partition": {"kind": "iid"}},
         "federation": {"num_clients": 20, "clients_per_round": 20, "rounds": args.rounds},
         "algorithm": {"name": "fedavg", "aggregator": aggregator,
                       "robust": {"byzantine_fraction": 0.2, "root_rows": 100},
@@ -98,9 +98,9 @@ def table(cells: list[dict], aggregators: list[str], attacks: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--aggregators", default=",".join(AGGREGATORS))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
