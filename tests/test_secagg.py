@@ -206,5 +206,5 @@ def test_secure_aggregation_refuses_an_aggregator_that_needs_individual_updates(
         api.check_components(cls_config(algorithm={"aggregator": "test_median"}))  # alone: ok
     finally:
         AGGREGATORS._items.pop("test_median")
-    with pytest.raises(ConfigError, match="unknown aggregator 'krum'"):
-        api.check_components(cls_config(algorithm={"aggregator": "krum"}))
+    with pytest.raises(ConfigError, match="unknown aggregator 'kurm'"):
+        api.check_components(cls_config(algorithm={"aggregator": "kurm"}))

@@ -151,3 +151,20 @@ def num_bytes(state: Mapping[str, torch.Tensor]) -> int:
 
 def select(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> State:
     return OrderedDict((k, state[k]) for k in keys)
+
+
+def flatten(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    """The tensors under ``keys``, in that order, as one float64 vector."""
+    return torch.cat([state[k].detach().reshape(-1).to(torch.float64) for k in keys])
+
+
+def unflatten(vector: torch.Tensor, like: Mapping[str, torch.Tensor], keys: Sequence[str]
+              ) -> State:
+    """Inverse of :func:`flatten`: a State with ``like``'s key order, shapes and dtypes."""
+    pieces: dict[str, torch.Tensor] = {}
+    offset = 0
+    for key in keys:
+        size = like[key].numel()
+        pieces[key] = vector[offset:offset + size].reshape(like[key].shape).to(like[key].dtype)
+        offset += size
+    return OrderedDict((key, pieces[key]) for key in like)

@@ -37,9 +37,8 @@ import torch
 from fedfm.config import AttackConfig
 from fedfm.core.registries import POISONING
 from fedfm.core.registry import MethodInfo
-from fedfm.core.state import State, global_norm, sub
+from fedfm.core.state import State, flatten, global_norm, sub, unflatten
 from fedfm.core.update import ClientUpdate
-from fedfm.trust.robust.geometry import flatten, unflatten
 
 LEAF = "trust.robustness.attacks"
 SHEJWALKAR = ("Manipulating the Byzantine: Optimizing Model Poisoning Attacks and Defenses for "

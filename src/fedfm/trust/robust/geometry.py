@@ -12,32 +12,14 @@ payload keeps its shape.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from fedfm.core.state import State
+from fedfm.core.state import State, flatten, unflatten
 from fedfm.core.update import ClientUpdate
 
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
-
-
-def flatten(payload: State, keys: list[str]) -> torch.Tensor:
-    return torch.cat([payload[k].detach().reshape(-1).to(torch.float64) for k in keys])
-
-
-def unflatten(vector: torch.Tensor, like: State, keys: list[str]) -> State:
-    out: State = OrderedDict()
-    offset = 0
-    pieces = {}
-    for key in keys:
-        size = like[key].numel()
-        pieces[key] = vector[offset:offset + size].reshape(like[key].shape).to(like[key].dtype)
-        offset += size
-    for key in like:
-        out[key] = pieces[key]
-    return out
 
 
 def lora_pairs(keys: list[str]) -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedfm.config import SecureAggregationConfig
+from fedfm.core import state as state_ops
 from fedfm.core.registries import AGGREGATORS
 from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
@@ -26,21 +27,11 @@ from fedfm.trust.secagg.simulate import secure_sum
 
 
 def _flatten(state: State, keys: list[str]) -> np.ndarray:
-    return np.concatenate([state[k].detach().to(torch.float64).flatten().numpy() for k in keys])
+    return state_ops.flatten(state, keys).numpy()
 
 
 def _unflatten(flat: np.ndarray, like: State, keys: list[str]) -> State:
-    out: State = OrderedDict()
-    offset = 0
-    pieces = {}
-    for key in keys:
-        size = like[key].numel()
-        pieces[key] = torch.from_numpy(flat[offset:offset + size].copy()).reshape(
-            like[key].shape).to(like[key].dtype)
-        offset += size
-    for key in like:  # the reference's key order
-        out[key] = pieces[key]
-    return out
+    return state_ops.unflatten(torch.from_numpy(flat.copy()), like, keys)
 
 
 class SecureSum:
