@@ -73,6 +73,14 @@ class RobustAggregator:
         return None
 
 
+def with_point(view: RoundUpdates, payload: State) -> torch.Tensor:
+    """``[n + 1, n + 1]`` Gram matrix of ``payload`` (index 0) and the round's updates, in the
+    round's measuring space."""
+    cross, own = view.measure([payload])
+    top = torch.cat([own, cross.T], dim=1)
+    return torch.cat([top, torch.cat([cross, view.gram], dim=1)], dim=0)
+
+
 def _left_out(n: int, kept: list[int]) -> list[int]:
     chosen = set(kept)
     return [i for i in range(n) if i not in chosen]
@@ -117,7 +125,7 @@ class TrimmedMean(RobustAggregator):
 class Krum(RobustAggregator):
     def rule(self, view: RoundUpdates, f: int, global_state: State | None,
              round_index: int) -> Selection:
-        chosen = rules.krum(view.points, f)
+        chosen = rules.krum(view.distances(), f)
         coefficients = torch.zeros(view.n, dtype=torch.float64)
         coefficients[chosen] = 1.0
         return view.combine(coefficients), _left_out(view.n, [chosen]), {}
@@ -130,7 +138,7 @@ class MultiKrum(RobustAggregator):
     def rule(self, view: RoundUpdates, f: int, global_state: State | None,
              round_index: int) -> Selection:
         m = self.options.multi_krum_m or view.n - f
-        chosen = rules.multi_krum(view.points, f, m)
+        chosen = rules.multi_krum(view.distances(), f, m)
         coefficients = torch.zeros(view.n, dtype=torch.float64)
         coefficients[chosen] = 1.0 / len(chosen)
         return view.combine(coefficients), _left_out(view.n, chosen), {"m": float(len(chosen))}
@@ -143,7 +151,7 @@ class MultiKrum(RobustAggregator):
 class Bulyan(RobustAggregator):
     def rule(self, view: RoundUpdates, f: int, global_state: State | None,
              round_index: int) -> Selection:
-        vector, selected = rules.bulyan(view.points, view.raw, f)
+        vector, selected = rules.bulyan(view.distances(), view.raw, f)
         return view.state(vector), _left_out(view.n, selected), {}
 
 
@@ -154,7 +162,7 @@ class Bulyan(RobustAggregator):
 class GeometricMedian(RobustAggregator):
     def rule(self, view: RoundUpdates, f: int, global_state: State | None,
              round_index: int) -> Selection:
-        alpha = rules.geometric_median(view.points, view.weights,
+        alpha = rules.geometric_median(view.gram, view.weights,
                                        iters=self.options.geomed_iters,
                                        tol=self.options.geomed_tol)
         return view.combine(alpha), None, {}
@@ -167,29 +175,26 @@ class GeometricMedian(RobustAggregator):
 class CenteredClipping(RobustAggregator):
     def __init__(self, cfg: AlgorithmConfig | None = None) -> None:
         super().__init__(cfg)
-        self.previous: dict[str, torch.Tensor] = {}  # last aggregate: raw and points rows
+        self.previous: torch.Tensor | None = None  # the last aggregate, as a raw row
 
     def rule(self, view: RoundUpdates, f: int, global_state: State | None,
              round_index: int) -> Selection:
-        prior_raw = self.previous.get("raw")
-        prior_points = self.previous.get("points")
-        if prior_raw is None or prior_raw.shape != view.raw.shape[1:] or \
-                prior_points is None or prior_points.shape != view.points.shape[1:]:
-            prior_raw = torch.zeros(view.raw.shape[1], dtype=torch.float64)
-            prior_points = torch.zeros(view.points.shape[1], dtype=torch.float64)
-        coefficients, radius = rules.centered_clipping(
-            view.points, prior_points, radius=self.options.cc_radius,
-            iters=self.options.cc_iters)
-        vector = coefficients[0] * prior_raw + coefficients[1:] @ view.raw
-        self.previous = {"raw": vector,
-                         "points": coefficients[0] * prior_points + coefficients[1:] @ view.points}
+        prior = self.previous
+        if prior is None or prior.shape != view.raw.shape[1:]:
+            prior = torch.zeros(view.raw.shape[1], dtype=torch.float64)
+        coefficients, radius = rules.centered_clipping(with_point(view, view.state(prior)),
+                                                       radius=self.options.cc_radius,
+                                                       iters=self.options.cc_iters)
+        vector = coefficients[0] * prior + coefficients[1:] @ view.raw
+        self.previous = vector
         return view.state(vector), None, {"radius": radius}
 
     def state_dict(self) -> dict[str, State]:
-        return {"previous": OrderedDict(self.previous)} if self.previous else {}
+        return {} if self.previous is None else {"previous": OrderedDict(raw=self.previous)}
 
     def load_state_dict(self, states: Mapping[str, State]) -> None:
-        self.previous = dict(states.get("previous", {}))
+        found = states.get("previous")
+        self.previous = None if found is None else found["raw"].to(torch.float64)
 
 
 @_register("norm_bounding", "Can You Really Backdoor Federated Learning? (Sun et al., "
@@ -199,7 +204,7 @@ class CenteredClipping(RobustAggregator):
 class NormBounding(RobustAggregator):
     def rule(self, view: RoundUpdates, f: int, global_state: State | None,
              round_index: int) -> Selection:
-        coefficients, bound = rules.norm_bounding(view.points, view.weights,
+        coefficients, bound = rules.norm_bounding(view.sq_norms.sqrt(), view.weights,
                                                   self.options.norm_bound)
         return view.combine(coefficients), None, {"norm_bound": bound}
 
@@ -228,13 +233,11 @@ class FLTrust(RobustAggregator):
         if self.root_update is None or global_state is None:
             raise rules.AggregationError("FLTrust needs the server's root-data update; the run "
                                          "binds it (bind_root) when it builds the workload")
-        server = self.root_update(global_state)
-        probe = ClientUpdate(client_id=-1, payload=server, num_examples=1)
-        root = round_updates([probe], global_state,
-                             space=self.options.lora_space, weighting="uniform").points[0]
-        coefficients = rules.fltrust(view.points, root)
+        gram = with_point(view, self.root_update(global_state))
+        coefficients = rules.fltrust(gram)
         dropped = [i for i in range(view.n) if float(coefficients[i]) == 0.0]
-        return view.combine(coefficients), dropped, {"root_norm": float(root.norm())}
+        return view.combine(coefficients), dropped, {
+            "root_norm": float(gram[0, 0].clamp(min=0).sqrt())}
 
 
 @_register("dnc", "Manipulating the Byzantine: Optimizing Model Poisoning Attacks and Defenses "
@@ -246,7 +249,7 @@ class DivideAndConquer(RobustAggregator):
     def rule(self, view: RoundUpdates, f: int, global_state: State | None,
              round_index: int) -> Selection:
         generator = torch.Generator().manual_seed(10007 * round_index + 1)
-        kept = rules.dnc(view.points, f, iters=self.options.dnc_iters,
+        kept = rules.dnc(view.coordinates, view.n, view.width, f, iters=self.options.dnc_iters,
                          dim=self.options.dnc_dim, filter_frac=self.options.dnc_filter,
                          generator=generator)
         coefficients = torch.zeros(view.n, dtype=torch.float64)
@@ -266,9 +269,9 @@ class ClippedClustering(RobustAggregator):
 
     def rule(self, view: RoundUpdates, f: int, global_state: State | None,
              round_index: int) -> Selection:
-        self.norm_history = torch.cat([self.norm_history, view.points.norm(dim=1)])
+        self.norm_history = torch.cat([self.norm_history, view.sq_norms.sqrt()])
         bound = float(self.norm_history.median())
-        coefficients, members = rules.clipped_clustering(view.points, bound)
+        coefficients, members = rules.clipped_clustering(view.gram, bound)
         return view.combine(coefficients), _left_out(view.n, members), {"clip": bound}
 
     def state_dict(self) -> dict[str, State]:

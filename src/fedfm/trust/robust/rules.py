@@ -1,8 +1,9 @@
 """Byzantine-robust aggregation rules as plain functions of one round's updates.
 
-Each rule takes the round's rows (``points``: where distances are measured; ``raw``: what is
-combined, see ``geometry``) and returns either per-client coefficients (the output is
-``sum_i c_i raw_i``) or, for coordinate-wise rules, the aggregate vector itself. ``f`` is the
+Rules that measure work from the round's Gram matrix (inner products in the measuring space, see
+``geometry``) or the squared distances derived from it, so LoRA product space never has to be
+materialised; coordinate-wise rules take the raw rows. Each returns either per-client
+coefficients (the output is ``sum_i c_i raw_i``) or the aggregate vector itself. ``f`` is the
 number of Byzantine clients the rule must tolerate.
 
 * Coordinate-wise median and trimmed mean: Yin, Chen, Ramchandran & Bartlett, "Byzantine-Robust
@@ -32,12 +33,12 @@ States, in LoRA product space or on factors, with the selected clients reported.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
-
-from fedfm.trust.robust.geometry import pairwise_sq_distances
+from scipy.spatial.distance import squareform
 
 
 class AggregationError(ValueError):
@@ -66,50 +67,49 @@ def trimmed_mean(raw: torch.Tensor, trimmed: int) -> torch.Tensor:
     return raw.sort(dim=0).values[trimmed:n - trimmed].mean(dim=0)
 
 
-def krum_scores(points: torch.Tensor, f: int) -> torch.Tensor:
-    """Krum's score of each update: the sum of squared distances to its ``n - f - 2`` nearest
-    neighbours."""
-    n = points.shape[0]
+def krum_scores(distances: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum's score of each update from the ``[n, n]`` squared distances: the sum of squared
+    distances to its ``n - f - 2`` nearest neighbours."""
+    n = distances.shape[0]
     neighbours = n - f - 2
     if neighbours < 1:
         raise AggregationError(f"Krum needs n > f + 2 updates; got n={n}, f={f}")
-    distances = pairwise_sq_distances(points)
     others = distances + torch.diag(torch.full((n,), math.inf, dtype=distances.dtype))
     return others.sort(dim=1).values[:, :neighbours].sum(dim=1)
 
 
-def krum(points: torch.Tensor, f: int) -> int:
+def krum(distances: torch.Tensor, f: int) -> int:
     """Index of the update Krum selects (Blanchard et al. require ``n >= 2f + 3``)."""
-    n = points.shape[0]
+    n = distances.shape[0]
     if n < 2 * f + 3:
         raise AggregationError(f"Krum needs n >= 2f + 3 updates; got n={n}, f={f} (lower "
                                f"algorithm.robust.byzantine_fraction or sample more clients)")
-    return int(torch.argmin(krum_scores(points, f)))
+    return int(torch.argmin(krum_scores(distances, f)))
 
 
-def multi_krum(points: torch.Tensor, f: int, m: int) -> list[int]:
+def multi_krum(distances: torch.Tensor, f: int, m: int) -> list[int]:
     """The ``m`` updates with the best Krum scores (their mean is Multi-Krum's output)."""
-    n = points.shape[0]
+    n = distances.shape[0]
     if n < 2 * f + 3:
         raise AggregationError(f"Multi-Krum needs n >= 2f + 3 updates; got n={n}, f={f}")
-    return torch.argsort(krum_scores(points, f), stable=True)[: min(m, n)].tolist()
+    return torch.argsort(krum_scores(distances, f), stable=True)[: min(m, n)].tolist()
 
 
-def bulyan(points: torch.Tensor, raw: torch.Tensor, f: int) -> tuple[torch.Tensor, list[int]]:
+def bulyan(distances: torch.Tensor, raw: torch.Tensor, f: int
+           ) -> tuple[torch.Tensor, list[int]]:
     """Bulyan over Krum: pick ``theta = n - 2f`` updates by repeated Krum, then per coordinate
     average the ``beta = theta - 2f`` selected values closest to their median."""
-    n = points.shape[0]
+    n = distances.shape[0]
     if n < 4 * f + 3:
         raise AggregationError(f"Bulyan needs n >= 4f + 3 updates; got n={n}, f={f}")
     remaining = list(range(n))
     selected: list[int] = []
     while len(selected) < n - 2 * f:
-        sub = points[remaining]
         # Krum on the remaining set; its neighbourhood shrinks with the set (at least 1)
         neighbours = max(1, len(remaining) - f - 2)
-        distances = pairwise_sq_distances(sub)
-        distances += torch.diag(torch.full((len(remaining),), math.inf, dtype=sub.dtype))
-        scores = distances.sort(dim=1).values[:, :neighbours].sum(dim=1)
+        sub = distances[remaining][:, remaining]
+        sub = sub + torch.diag(torch.full((len(remaining),), math.inf, dtype=sub.dtype))
+        scores = sub.sort(dim=1).values[:, :neighbours].sum(dim=1)
         chosen = remaining[int(torch.argmin(scores))]
         selected.append(chosen)
         remaining.remove(chosen)
@@ -120,50 +120,55 @@ def bulyan(points: torch.Tensor, raw: torch.Tensor, f: int) -> tuple[torch.Tenso
     return chosen_raw.gather(0, closest).mean(dim=0), selected
 
 
-def geometric_median(points: torch.Tensor, weights: torch.Tensor, *, iters: int, tol: float,
+def _distances_to(gram: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``|x_i - sum_j c_j x_j|`` for every point, from the Gram matrix."""
+    moved = gram @ coefficients
+    return (gram.diagonal() - 2 * moved + coefficients @ moved).clamp(min=0).sqrt()
+
+
+def geometric_median(gram: torch.Tensor, weights: torch.Tensor, *, iters: int, tol: float,
                      smoothing: float = 1e-8) -> torch.Tensor:
     """Coefficients ``alpha`` (summing to 1) of the weighted geometric median ``sum alpha_i
     x_i``, by the smoothed Weiszfeld iteration of RFA."""
     alpha = weights / weights.sum()
-    center = alpha @ points
     for _ in range(iters):
-        distances = (points - center).norm(dim=1).clamp(min=smoothing)
+        distances = _distances_to(gram, alpha).clamp(min=smoothing)
         updated = weights / distances
         updated = updated / updated.sum()
-        moved = updated @ points
-        if float((moved - center).norm()) <= tol * max(1.0, float(center.norm())):
-            return updated
-        alpha, center = updated, moved
+        step = updated - alpha
+        moved = float((step @ gram @ step).clamp(min=0).sqrt())
+        center = float((updated @ gram @ updated).clamp(min=0).sqrt())
+        alpha = updated
+        if moved <= tol * max(1.0, center):
+            break
     return alpha
 
 
-def centered_clipping(points: torch.Tensor, prior: torch.Tensor, *, radius: float | None,
-                      iters: int) -> tuple[torch.Tensor, float]:
-    """Coefficients over ``[prior, x_1 .. x_n]`` of centered clipping started at ``prior``:
-    ``v <- v + (1/n) sum_i (x_i - v) min(1, tau / |x_i - v|)``, and the radius used (None:
-    the median distance of the updates to the prior)."""
-    n = points.shape[0]
+def centered_clipping(gram: torch.Tensor, *, radius: float | None, iters: int
+                      ) -> tuple[torch.Tensor, float]:
+    """Centered clipping started at point 0 of ``gram`` (the prior center; the updates are
+    points ``1..n``): ``v <- v + (1/n) sum_i (x_i - v) min(1, tau / |x_i - v|)``. The
+    coefficients over all points and the radius used (None: the median distance of the updates
+    to the prior)."""
+    n = gram.shape[0] - 1
     coefficients = torch.zeros(n + 1, dtype=torch.float64)
     coefficients[0] = 1.0
-    center = prior.clone()
     if radius is None:
-        radius = float((points - prior).norm(dim=1).median())
+        radius = float(_distances_to(gram, coefficients)[1:].median())
     for _ in range(iters):
-        distances = (points - center).norm(dim=1)
+        distances = _distances_to(gram, coefficients)[1:]
         scale = torch.where(distances > 0, (radius / distances.clamp(min=1e-300)).clamp(max=1.0),
                             torch.zeros_like(distances))
         # v + (1/n) sum s_i (x_i - v): v's own coefficients shrink by (1 - mean s)
         coefficients = coefficients * (1 - scale.sum() / n)
         coefficients[1:] += scale / n
-        center = coefficients[0] * prior + coefficients[1:] @ points
     return coefficients, radius
 
 
-def norm_bounding(points: torch.Tensor, weights: torch.Tensor, bound: float | None
+def norm_bounding(norms: torch.Tensor, weights: torch.Tensor, bound: float | None
                   ) -> tuple[torch.Tensor, float]:
     """Coefficients of the weighted mean of updates clipped to norm ``bound`` (None: the
     round's median norm), and the bound used."""
-    norms = points.norm(dim=1)
     if bound is None:
         bound = float(norms.median())
     factors = torch.where(norms > 0, (bound / norms.clamp(min=1e-300)).clamp(max=1.0),
@@ -171,33 +176,34 @@ def norm_bounding(points: torch.Tensor, weights: torch.Tensor, bound: float | No
     return weights * factors, bound
 
 
-def fltrust(points: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """FLTrust's coefficients: trust ``ReLU(cos(x_i, g_0))``, each update rescaled to the root
-    update's norm, normalised by the total trust (all zero: no update)."""
-    root_norm = root.norm()
-    norms = points.norm(dim=1)
+def fltrust(gram: torch.Tensor) -> torch.Tensor:
+    """FLTrust's coefficients for points ``1..n`` of ``gram`` (point 0 is the server's root
+    update ``g_0``): trust ``ReLU(cos(x_i, g_0))``, each update rescaled to ``|g_0|``,
+    normalised by the total trust (all zero: no update)."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    root_norm, client_norms = norms[0], norms[1:]
     if float(root_norm) == 0.0:
-        return torch.zeros(points.shape[0], dtype=torch.float64)
-    cosine = (points @ root) / (norms * root_norm).clamp(min=1e-300)
-    trust = torch.relu(torch.where(norms > 0, cosine, torch.zeros_like(cosine)))
+        return torch.zeros(len(client_norms), dtype=torch.float64)
+    cosine = gram[0, 1:] / (client_norms * root_norm).clamp(min=1e-300)
+    trust = torch.relu(torch.where(client_norms > 0, cosine, torch.zeros_like(cosine)))
     if float(trust.sum()) == 0.0:
         return torch.zeros_like(trust)
-    return trust * (root_norm / norms.clamp(min=1e-300)) / trust.sum()
+    return trust * (root_norm / client_norms.clamp(min=1e-300)) / trust.sum()
 
 
-def dnc(points: torch.Tensor, f: int, *, iters: int, dim: int, filter_frac: float,
-        generator: torch.Generator) -> list[int]:
-    """Indices DnC keeps: in each iteration, sample ``dim`` coordinates, score each centered
-    update by its squared projection on the top singular vector, drop the ``filter_frac * f``
-    highest; keep the updates no iteration dropped."""
-    n, width = points.shape
+def dnc(coordinates: Callable[[torch.Tensor], torch.Tensor], n: int, width: int, f: int, *,
+        iters: int, dim: int, filter_frac: float, generator: torch.Generator) -> list[int]:
+    """Indices DnC keeps: in each iteration, read ``dim`` random coordinates of every update
+    (``coordinates(index) -> [n, len(index)]``), score each centered update by its squared
+    projection on the top singular vector, drop the ``filter_frac * f`` highest; keep the
+    updates no iteration dropped."""
     removed = int(math.floor(filter_frac * f))
     kept = set(range(n))
     if removed == 0:
         return sorted(kept)
     for _ in range(iters):
         columns = torch.randperm(width, generator=generator)[: min(dim, width)]
-        sample = points[:, columns]
+        sample = coordinates(columns)
         centered = sample - sample.mean(dim=0)
         _, _, right = torch.linalg.svd(centered, full_matrices=False)
         scores = (centered @ right[0]).pow(2)
@@ -206,19 +212,21 @@ def dnc(points: torch.Tensor, f: int, *, iters: int, dim: int, filter_frac: floa
     return sorted(kept)
 
 
-def clipped_clustering(points: torch.Tensor, bound: float) -> tuple[torch.Tensor, list[int]]:
+def clipped_clustering(gram: torch.Tensor, bound: float) -> tuple[torch.Tensor, list[int]]:
     """Clip every update to ``bound``, split the clipped updates in two by agglomerative
-    clustering on cosine distance (average linkage), and average the larger cluster: its
-    coefficients and members."""
-    n = points.shape[0]
-    norms = points.norm(dim=1)
+    clustering on cosine distance (average linkage; clipping leaves cosines unchanged), and
+    average the larger cluster: its coefficients and members."""
+    n = gram.shape[0]
+    norms = gram.diagonal().clamp(min=0).sqrt()
     factors = torch.where(norms > 0, (bound / norms.clamp(min=1e-300)).clamp(max=1.0),
                           torch.ones_like(norms))
     if n < 3:
         return factors / n, list(range(n))
-    clipped = (points * factors[:, None]).numpy()
-    safe = np.where(np.linalg.norm(clipped, axis=1, keepdims=True) > 0, clipped, 1e-300)
-    labels = fcluster(linkage(safe, method="average", metric="cosine"), t=2,
+    cosine = gram / (norms[:, None] * norms[None, :]).clamp(min=1e-300)
+    distance = (1 - cosine).clamp(min=0, max=2).numpy()
+    np.fill_diagonal(distance, 0.0)
+    distance = (distance + distance.T) / 2
+    labels = fcluster(linkage(squareform(distance, checks=False), method="average"), t=2,
                       criterion="maxclust")
     sizes = np.bincount(labels)
     largest = int(np.argmax(sizes))  # ties: the cluster numbered first
