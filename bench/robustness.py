@@ -9,7 +9,7 @@ triggered validation sentences of the other class classified as the target), and
 aggregators that leave clients out, the mean detection precision / recall over rounds. One JSON
 line per cell, then a table; the table is what the README shows.
 
-    python bench/robustness.py [--rounds 3] [--rows 1000] [--steps 3] [--aggregators mean,krum]
+    python bench/robustness.py [--rounds 3] [--rows 1000] [--steps 2] [--aggregators mean,krum]
                                [--attacks none,alie]
 """
 
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--aggregators", default=",".join(AGGREGATORS))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
