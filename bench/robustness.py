@@ -1,7 +1,7 @@
 """Robustness bench: aggregator x attack on MiniLM + LoRA, SST-2, 20 clients, 20% malicious.
 
 Each cell is one fedfm run (the shipped SST-2 subset, ``--rows`` training sentences split IID
-over 20 clients, all 20 every round, ``--rounds`` rounds of ``--steps`` local steps of batch 16,
+over 20 clients, all 20 every round, ``--rounds`` rounds of ``--steps`` local steps of ``--batch``,
 bf16 autocast). Four clients (20%) are malicious; every robust aggregator is told f = 20%. The
 baseline row is the plain FedAvg mean; the baseline column is no attack. Reported per cell:
 clean validation accuracy after the last round, the backdoor's attack success rate (share of
@@ -9,7 +9,8 @@ triggered validation sentences of the other class classified as the target), and
 aggregators that leave clients out, the mean detection precision / recall over rounds. One JSON
 line per cell, then a table; the table is what the README shows.
 
-    python bench/robustness.py [--rounds 3] [--rows 1000] [--steps 2] [--aggregators mean,krum]
+    python bench/robustness.py [--rounds 4] [--rows 1000] [--steps 4] [--batch 8]
+                               [--aggregators mean,krum]
                                [--attacks none,alie]
 """
 
@@ -46,7 +47,8 @@ def config(aggregator: str, attack: str, args: argparse.Namespace, out: str) -> 
         "federation": {"num_clients": 20, "clients_per_round": 20, "rounds": args.rounds},
         "algorithm": {"name": "fedavg", "aggregator": aggregator,
                       "robust": {"byzantine_fraction": 0.2, "root_rows": 100},
-                      "local": {"steps": args.steps, "batch_size": 16, "lr": args.lr}},
+                      "local": {"steps": args.steps, "batch_size": args.batch,
+                                "lr": args.lr}},
         "runtime": {"precision": "bf16"},
         "eval": {"every": args.rounds, "per_client": False},
         "tracking": {"output_dir": out, "console": False, "keep_checkpoints": 1},
@@ -98,9 +100,10 @@ def table(cells: list[dict], aggregators: list[str], attacks: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--rows", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--aggregators", default=",".join(AGGREGATORS))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
