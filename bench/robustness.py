@@ -112,8 +112,8 @@ def main() -> None:
     attacks = args.attacks.split(",")
     cells = []
     with tempfile.TemporaryDirectory() as out:
-        for aggregator in aggregators:
-            for attack in attacks:
+        for attack in attacks:  # attack-major: a partial run still compares every aggregator
+            for aggregator in aggregators:
                 try:
                     found = cell(aggregator, attack, args, out)
                 except Exception as exc:  # a rule's precondition: record it, keep the table
