@@ -17,13 +17,25 @@ from fedfm.trust.robust.aggregators import FLTrust, RobustAggregator
 from fedfm.trust.robust.geometry import (
     gram_distances,
     lora_pairs,
-    product_vector,
     round_updates,
 )
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
+
+
+def product_vector(payload: OrderedDict, global_state: OrderedDict,
+                   pairs: list[tuple[str, str]], others: list[str]) -> torch.Tensor:
+    """The product-space point, materialised: ``(B + dB)(A + dA) - B A`` per LoRA layer, then
+    the other tensors (the rules never build it; the checks do)."""
+    parts = []
+    for key_a, key_b in pairs:
+        a, b = global_state[key_a].double(), global_state[key_b].double()
+        parts.append(((b + payload[key_b].double()) @ (a + payload[key_a].double())
+                      - b @ a).reshape(-1))
+    parts.extend(payload[k].double().reshape(-1) for k in others)
+    return torch.cat(parts)
 
 
 def dist(points: torch.Tensor) -> torch.Tensor:

@@ -260,13 +260,9 @@ def _bind_root_data(algorithm: Algorithm, workload: Any) -> None:
     """FLTrust's server update: local training, like a client, on ``root_rows`` rows taken out
     of the global validation set (they are no longer evaluated on)."""
     from fedfm.trust.robust.aggregators import FLTrust
-    from fedfm.trust.robust.attacks import ByzantineServer
+    from fedfm.trust.robust.attacks import server_aggregator
 
-    server = algorithm.server
-    while isinstance(server, ByzantineServer):
-        server = server.inner
-    aggregator = getattr(server, "aggregator", None) or getattr(
-        getattr(server, "model_server", None), "aggregator", None)
+    aggregator = server_aggregator(algorithm.server)
     if not isinstance(aggregator, FLTrust):
         return
     config = workload.config
@@ -283,17 +279,11 @@ def _bind_root_data(algorithm: Algorithm, workload: Any) -> None:
 
 def _root_update(workload: Any, root: list[dict[str, Any]], global_state: State) -> State:
     from fedfm.algorithms.fedavg import DeltaClient
-    from fedfm.core.algorithm import ClientContext
     from fedfm.core.update import Broadcast
 
     config = workload.config
     workload.set_state(global_state)
-    context = ClientContext(
-        client_id=-1, round=0, seed=config.seed + 104729, model=workload.model,
-        get_state=workload.get_state, set_state=workload.set_state, train_examples=root,
-        collate=workload.collate_fn(), device=workload.device,
-        autocast_dtype=workload.autocast_dtype, loss_fn=workload.loss_fn,
-        max_length=config.model.max_length)
+    context = workload.client_context(root, client_id=-1, round=0, seed=config.seed + 104729)
     result = DeltaClient(config.algorithm.local).run(context, Broadcast(global_state))
     return result.update.payload
 

@@ -35,21 +35,10 @@ class LocalRuntime:
 
     def client_context(self, client_id: int, round_index: int) -> ClientContext:
         workload = self.workload
-        return ClientContext(
-            client_id=client_id,
-            round=round_index,
+        return workload.client_context(
+            workload.data.clients[client_id].train, client_id=client_id, round=round_index,
             seed=derive_seed(workload.config.seed, round_index, client_id, _CLIENT_STREAM),
-            model=workload.model,
-            get_state=workload.get_state,
-            set_state=workload.set_state,
-            train_examples=workload.data.clients[client_id].train,
-            collate=workload.collate_fn(),
-            device=workload.device,
-            autocast_dtype=workload.autocast_dtype,
-            client_state=self.client_store.get(client_id),
-            loss_fn=workload.loss_fn,
-            max_length=workload.config.model.max_length,
-        )
+            client_state=self.client_store.get(client_id))
 
     def run_clients(self, client_ids: list[int], broadcast: Broadcast,
                     round: int) -> Iterator[ClientOutcome]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fedfm.config import ConfigError, EvalConfig, RunConfig, RuntimeConfig
-from fedfm.core.algorithm import ClientProcedure
+from fedfm.core.algorithm import ClientContext, ClientProcedure
 from fedfm.core.loop import EvalReport
 from fedfm.core.state import State
 from fedfm.data import FederatedData, collate
@@ -61,6 +61,16 @@ class Workload:
 
     def get_state(self) -> State:
         return get_state(self.model)
+
+    def client_context(self, examples: list[dict[str, Any]], *, client_id: int, round: int,
+                       seed: int, client_state: Any = None) -> ClientContext:
+        """A client's view of this workload, training on ``examples``."""
+        return ClientContext(
+            client_id=client_id, round=round, seed=seed, model=self.model,
+            get_state=self.get_state, set_state=self.set_state, train_examples=examples,
+            collate=self.collate_fn(), device=self.device, autocast_dtype=self.autocast_dtype,
+            client_state=client_state, loss_fn=self.loss_fn,
+            max_length=self.config.model.max_length)
 
     def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
         set_state(self.model, state)

@@ -139,7 +139,6 @@ def train_reference(workload: Any, config: Any, population: list[dict[str, Any]]
     clipping and noise of DP-FedAvg), so that the reference is as far from the start as the
     target is."""
     from fedfm import api
-    from fedfm.core.algorithm import ClientContext
 
     algorithm = api.build_algorithm(config)  # a fresh server: its own accountant, clip, state
     shadows = max(1, min(config.federation.clients_per_round, len(population)))
@@ -152,13 +151,10 @@ def train_reference(workload: Any, config: Any, population: list[dict[str, Any]]
         updates = []
         for shadow, shard in enumerate(shards):
             workload.set_state(global_state)
-            context = ClientContext(
-                client_id=shadow, round=round_index,
-                seed=config.seed + 7919 * round_index + 17 * shadow + 1, model=workload.model,
-                get_state=workload.get_state, set_state=workload.set_state,
-                train_examples=shard, collate=workload.collate_fn(), device=workload.device,
-                autocast_dtype=workload.autocast_dtype, loss_fn=workload.loss_fn,
-                max_length=config.model.max_length, client_state=client_states.get(shadow))
+            context = workload.client_context(
+                shard, client_id=shadow, round=round_index,
+                seed=config.seed + 7919 * round_index + 17 * shadow + 1,
+                client_state=client_states.get(shadow))
             result = algorithm.client.run(context, broadcast)
             client_states[shadow] = result.client_state
             updates.append(result.update)

@@ -288,10 +288,7 @@ class ByzantineServer:
         return out, rejected
 
     def _flagged(self) -> list[int] | None:
-        aggregator = getattr(self.inner, "aggregator", None)
-        if aggregator is None:
-            aggregator = getattr(getattr(self.inner, "model_server", None), "aggregator", None)
-        return getattr(aggregator, "last_flagged", None)
+        return getattr(server_aggregator(self.inner), "last_flagged", None)
 
     def round_metrics(self) -> dict[str, Any]:
         inner = getattr(self.inner, "round_metrics", None)
@@ -304,6 +301,17 @@ class ByzantineServer:
 
     def load_state_dict(self, states: Mapping[str, State]) -> None:
         self.inner.load_state_dict(states)
+
+
+def server_aggregator(server: Any) -> Any:
+    """The aggregator inside a server rule (through attack wrappers and SCAFFOLD's model
+    server), or None."""
+    while isinstance(server, ByzantineServer):
+        server = server.inner
+    found = getattr(server, "aggregator", None)
+    if found is None:
+        found = getattr(getattr(server, "model_server", None), "aggregator", None)
+    return found
 
 
 def detection(flagged: list[int] | None, malicious: list[int], present: list[int]

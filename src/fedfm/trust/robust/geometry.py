@@ -169,18 +169,3 @@ def round_updates(updates: list[ClientUpdate], global_state: State | None, *,
 
     return RoundUpdates(ids, raw, space_of.inner(space_of), weights, keys, like,
                         space_of.width, space_of.coordinates, measure_products)
-
-
-def product_vector(payload: State, global_state: State, pairs: list[tuple[str, str]],
-                   others: list[str]) -> torch.Tensor:
-    """The product-space point of one payload, materialised: ``(B + dB)(A + dA) - B A`` of
-    each LoRA layer, then the non-LoRA tensors (for checks; the rules never build it)."""
-    parts = []
-    for key_a, key_b in pairs:
-        a = global_state[key_a].to(torch.float64)
-        b = global_state[key_b].to(torch.float64)
-        new_a = a + payload[key_a].to(torch.float64)
-        new_b = b + payload[key_b].to(torch.float64)
-        parts.append((new_b @ new_a - b @ a).reshape(-1))
-    parts.extend(payload[k].detach().reshape(-1).to(torch.float64) for k in others)
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
