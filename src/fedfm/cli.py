@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from fedfm.config import ConfigError, load_config
 
@@ -20,6 +22,23 @@ app.add_typer(data_app, name="data")
 attack_app = typer.Typer(help="Attacks on a finished run, as evaluation tools.",
                          no_args_is_help=True)
 app.add_typer(attack_app, name="attack")
+
+
+
+class _DefaultStartGroup(TyperGroup):
+    """``fedfm server CONFIG ...`` means ``fedfm server start CONFIG ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["start", *args]
+        return super().parse_args(ctx, args)
+
+
+server_app = typer.Typer(cls=_DefaultStartGroup, no_args_is_help=True,
+                         help="The coordinator of a real deployment: `fedfm server CONFIG "
+                              "--state-dir DIR` runs it; the subcommands manage clients and "
+                              "certificates.")
+app.add_typer(server_app, name="server")
 
 err = Console(stderr=True)
 
@@ -269,6 +288,158 @@ def render_catalogue(data: dict) -> Any:
     root.add(f"[bold]Model presets[/] (model.name; or a hub id, or a local directory): "
              f"{', '.join(data['model_presets'])}")
     return root
+
+
+StateDir = Annotated[Path, typer.Option(
+    "--state-dir", help="The coordinator's state directory (database, checkpoints, updates).")]
+
+
+@server_app.command("start")
+def server_start(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    state_dir: StateDir = Path("fedfm-server"),
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one; see endpoint.json).")
+                    ] = 8443,
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(
+        help="Require client certificates signed by this CA (mutual TLS).")] = None,
+    linger: Annotated[float, typer.Option(
+        help="Seconds to keep serving after the last round.")] = 10.0,
+    set_: SetOption = None,
+) -> None:
+    """Run the coordinator: the round loop plus the HTTPS API and dashboard. Run the same
+    command again after a crash: it resumes the round in flight."""
+    import logging
+
+    from fedfm.deploy.coordinator import Coordinator, load_server_config
+    from fedfm.deploy.serve import ServeOptions, serve
+    from fedfm.deploy.store import StoreError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        run_config = load_server_config(config, list(set_ or []))
+        coordinator = Coordinator(run_config, state_dir)
+        code = serve(coordinator, ServeOptions(host=host, port=port, tls_cert=tls_cert,
+                                               tls_key=tls_key, tls_client_ca=tls_client_ca,
+                                               linger=linger))
+    except (StoreError, ValueError, *_user_errors()) as exc:
+        _fail(exc)
+        return
+    raise typer.Exit(code=code)
+
+
+@server_app.command("add-client")
+def server_add_client(
+    name: Annotated[str, typer.Argument(help="A name for the client (letters, digits, _.-).")],
+    state_dir: StateDir = Path("fedfm-server"),
+    client_id: Annotated[int | None, typer.Option(
+        "--id", help="Its client id (default: the next free one).")] = None,
+    viewer: Annotated[bool, typer.Option(
+        help="A read-only token for the dashboard and metrics.")] = False,
+) -> None:
+    """Register a client and print its token (shown once; only its hash is stored)."""
+    from fedfm.deploy.store import StateStore, StoreError
+
+    try:
+        record, token = StateStore(state_dir / "coordinator.db").add_client(
+            name, role="viewer" if viewer else "client", client_id=client_id)
+    except StoreError as exc:
+        _fail(exc)
+        return
+    who = "viewer" if viewer else f"client id {record.client_id}"
+    err.print(f"[green]added[/] {escape(name)} ({who}); its token (shown once):")
+    sys.stdout.write(f"{token}\n")
+
+
+@server_app.command("revoke-client")
+def server_revoke_client(name: Annotated[str, typer.Argument(help="The client's name.")],
+                         state_dir: StateDir = Path("fedfm-server")) -> None:
+    """Revoke a client's token: its next request is refused (also on a running server)."""
+    from fedfm.deploy.store import StateStore, StoreError
+
+    try:
+        StateStore(state_dir / "coordinator.db").revoke_client(name)
+    except StoreError as exc:
+        _fail(exc)
+        return
+    err.print(f"[yellow]revoked[/] {escape(name)}")
+
+
+@server_app.command("list-clients")
+def server_list_clients(state_dir: StateDir = Path("fedfm-server")) -> None:
+    """The client registry: names, ids, roles, revoked, last seen."""
+    import time
+
+    from rich.table import Table
+
+    from fedfm.deploy.store import StateStore
+
+    table = Table(title="clients")
+    for column in ("name", "id", "role", "revoked", "last seen"):
+        table.add_column(column)
+    for record in StateStore(state_dir / "coordinator.db").clients():
+        seen = "never" if record.last_seen is None else f"{time.time() - record.last_seen:.0f}s ago"
+        table.add_row(escape(record.name), str(record.client_id if record.client_id is not None
+                                              else "-"), record.role,
+                      "yes" if record.revoked else "no", seen)
+    Console().print(table)
+
+
+@server_app.command("gen-certs")
+def server_gen_certs(
+    out: Annotated[Path, typer.Option(help="Where the PEM files go.")] = Path("certs"),
+    host: Annotated[list[str] | None, typer.Option(
+        "--host", help="Name or IP the server is reached at (repeatable).")] = None,
+    client: Annotated[list[str] | None, typer.Option(
+        "--client", help="Also a client certificate for mutual TLS (repeatable).")] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+) -> None:
+    """A self-signed CA, a server certificate and optional client certificates, for trying
+    TLS and mutual TLS out (use your organisation's PKI in production)."""
+    from fedfm.deploy.certs import generate_certificates
+
+    try:
+        made = generate_certificates(out, hosts=tuple(host or ("localhost", "127.0.0.1", "::1")),
+                                     clients=tuple(client or ()), days=days, overwrite=overwrite)
+    except (FileExistsError, ValueError) as exc:
+        _fail(exc)
+        return
+    err.print(f"CA {made.ca_cert}; server {made.server_cert} / {made.server_key}")
+    for name, (cert, key) in made.client_certs.items():
+        err.print(f"client {escape(name)}: {cert} / {key}")
+    sys.stdout.write(f"{made.directory}\n")
+
+
+@app.command()
+def client(
+    server: Annotated[str | None, typer.Option(help="Coordinator URL (default: CLIENT.yaml's)."
+                                               )] = None,
+    token: Annotated[str | None, typer.Option(
+        envvar="FEDFM_TOKEN", help="This client's token (or the FEDFM_TOKEN variable).")] = None,
+    config: Annotated[Path, typer.Option(help="CLIENT.yaml: this site's data, TLS files.")
+                      ] = Path("client.yaml"),
+) -> None:
+    """Run a client agent: train on this site's data for the coordinator until the run ends."""
+    import logging
+
+    from fedfm.deploy.agent import AgentError, ClientAgent, load_agent_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        agent_config = load_agent_config(config)
+        url = server or agent_config.server
+        if not url:
+            raise ConfigError("give --server URL (or server: in CLIENT.yaml)")
+        if not token:
+            raise ConfigError("give --token TOKEN (or set FEDFM_TOKEN)")
+        done = ClientAgent(url, token, agent_config).run()
+    except (AgentError, *_user_errors()) as exc:
+        _fail(exc)
+        return
+    err.print(f"[green]run finished[/]: {done} tasks done")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -465,6 +465,24 @@ class PrivacyConfig(_Section):
     secure_aggregation: SecureAggregationConfig | None = None
 
 
+class DeployConfig(_Section):
+    """Round control of a real deployment (``fedfm server``; the ``remote`` runtime). A round
+    starts once ``min_clients`` clients are online; it selects ``clients_per_round`` of the
+    online clients, ``over_selection`` more on top (Bonawitz et al., "Towards Federated
+    Learning at Scale", MLSys 2019), closes as soon as ``clients_per_round`` updates are
+    accepted or at ``round_timeout_s``, and aggregates if at least ``min_updates`` arrived
+    (the dropout tolerance; else the round is aborted and keeps the global State)."""
+
+    min_clients: int = Field(default=1, ge=1)
+    round_timeout_s: float = Field(default=600.0, gt=0.0)
+    over_selection: float = Field(default=0.0, ge=0.0, le=2.0)  # 0.3: select 30% more
+    min_updates: int = Field(default=1, ge=1)
+    max_upload_mb: float | None = Field(default=None, gt=0.0)  # None: 4x the State + 1 MB
+    heartbeat_s: float = Field(default=10.0, gt=0.0)
+    offline_after_s: float = Field(default=60.0, gt=0.0)  # no request for this long: offline
+    long_poll_s: float = Field(default=25.0, gt=0.0, le=120.0)
+
+
 class RunConfig(_Section):
     """A whole federated run."""
 
@@ -480,6 +498,7 @@ class RunConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

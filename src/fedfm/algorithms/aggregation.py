@@ -47,5 +47,9 @@ class WeightedMean:
         self.weighting = weighting
 
     def aggregate(self, updates: list[ClientUpdate]) -> State:
-        return state_ops.weighted_mean([u.payload for u in updates],
+        folded = getattr(updates, "folded_mean", None)  # summed as they arrived (remote)
+        mean = folded(self.weighting) if folded is not None else None
+        if mean is not None:
+            return mean
+        return state_ops.weighted_mean((u.payload for u in updates),
                                        update_weights(updates, self.weighting))

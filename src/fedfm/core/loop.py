@@ -23,7 +23,7 @@ from fedfm.core import state as state_ops
 from fedfm.core.algorithm import ClientState, ServerRule
 from fedfm.core.client_store import ClientStore
 from fedfm.core.state import State
-from fedfm.core.update import WIRE_BYTES, Broadcast, ClientUpdate, validate_update
+from fedfm.core.update import WIRE_BYTES, Broadcast, ClientUpdate, UpdateBatch, validate_update
 
 
 def derive_seed(seed: int, *path: int) -> int:
@@ -84,7 +84,12 @@ class EvalReport:
 
 
 class Runtime(Protocol):
-    """Where client halves run. Implementations live in ``fedfm.runtime``."""
+    """Where client halves run. Implementations live in ``fedfm.runtime``.
+
+    Optional: ``select_clients(round, selection) -> list[int]`` replaces the loop's seeded
+    selection (the ``remote`` runtime picks among clients that are online and over-selects);
+    ``folds_updates = True`` asks the loop to fold each accepted update into a running sum as
+    it arrives (updates that live on disk are then read once)."""
 
     def run_clients(self, client_ids: list[int], broadcast: Broadcast,
                     round: int) -> Iterator[ClientOutcome]: ...
@@ -129,6 +134,8 @@ class LoopSettings:
     eval_at_start: bool = False
     per_client_eval: bool = True
     sampling: str = "fixed"  # fixed: sample_size clients; poisson: each with sample_size / n
+    # fewer accepted updates than this: the round is aborted and keeps the global State
+    min_updates: int = 1
 
 
 FairnessFn = Callable[[Mapping[int, Mapping[str, float]]], dict[str, float]]
@@ -168,6 +175,9 @@ class RoundLoop:
         else:
             selected = sample_clients(settings.seed, round_index, settings.num_clients,
                                       settings.sample_size)
+        select = getattr(self.runtime, "select_clients", None)
+        if select is not None:
+            selected = select(round_index, selected)
         dropped = simulate_dropouts(settings.seed, round_index, selected, settings.dropout_prob)
         for observer in self.observers:
             observer.on_round_start(round_index, selected)
@@ -182,21 +192,25 @@ class RoundLoop:
             self._emit_client(round_index, outcome)
         active = [cid for cid in selected if cid not in dropped]
         client_start = time.perf_counter()
+        updates = UpdateBatch(fold=getattr(self.runtime, "folds_updates", False))
         for outcome in self.runtime.run_clients(active, broadcast, round_index):
             outcome = self._screen(outcome, snapshot.global_state)
             outcome.bytes_down = bytes_down
-            if (outcome.status == "ok" and outcome.client_state is not None
-                    and self.client_store is not None):
-                self.client_store.put(outcome.client_id, outcome.client_state)
+            if outcome.status == "ok" and outcome.update is not None:
+                updates.append(outcome.update)
+                if outcome.client_state is not None and self.client_store is not None:
+                    self.client_store.put(outcome.client_id, outcome.client_state)
             outcomes.append(outcome)
             self._emit_client(round_index, outcome)
         client_time = time.perf_counter() - client_start
 
         aggregate_start = time.perf_counter()
-        updates = [o.update for o in outcomes if o.status == "ok" and o.update is not None]
         new_global = snapshot.global_state
         aborted = None
-        if updates or getattr(self.server, "aggregates_empty_rounds", False):
+        if 0 < len(updates) < settings.min_updates:
+            aborted = (f"only {len(updates)} updates were accepted, fewer than the "
+                       f"{settings.min_updates} needed (min_updates)")
+        elif updates or getattr(self.server, "aggregates_empty_rounds", False):
             try:
                 new_global = self.server.aggregate(snapshot.global_state, updates, round_index)
             except RoundAborted as exc:
@@ -263,7 +277,7 @@ class RoundLoop:
         return result
 
     def _round_record(self, round_index: int, selected: list[int],
-                      outcomes: list[ClientOutcome], updates: list[ClientUpdate]) -> dict[str, Any]:
+                      outcomes: list[ClientOutcome], updates: UpdateBatch) -> dict[str, Any]:
         clients: dict[str, dict[str, Any]] = {}
         for outcome in sorted(outcomes, key=lambda o: o.client_id):
             entry: dict[str, Any] = {"status": outcome.status, "wall_time": outcome.wall_time,
@@ -292,9 +306,11 @@ class RoundLoop:
             useful = sum(u.metrics.get("useful_tokens", 0.0) for u in updates)
             record["padding_efficiency"] = useful / processed
         if updates:
-            record["update_norm"] = state_ops.global_norm(
-                state_ops.weighted_mean([u.payload for u in updates],
-                                        [u.num_examples for u in updates]))
+            mean = updates.folded_mean("examples")
+            if mean is None:
+                mean = state_ops.weighted_mean((u.payload for u in updates),
+                                               [u.num_examples for u in updates])
+            record["update_norm"] = state_ops.global_norm(mean)
         return record
 
     def _emit_client(self, round_index: int, outcome: ClientOutcome) -> None:

@@ -70,23 +70,54 @@ def scale(a: Mapping[str, torch.Tensor], factor: float) -> State:
     return OrderedDict((k, v * factor) for k, v in a.items())
 
 
-def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]],
+def weighted_mean(states: Iterable[Mapping[str, torch.Tensor]],
                   weights: Sequence[float]) -> State:
-    """``sum_i w_i s_i / sum_i w_i``, accumulated in float64 for exactness, cast back."""
-    if not states:
-        raise ValueError("weighted_mean of no states")
-    if len(states) != len(weights):
-        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    """``sum_i w_i s_i / sum_i w_i``, accumulated in float64 for exactness, cast back.
+
+    ``states`` is read once, in order, one State at a time (a generator of States read from
+    disk keeps only the running sum in memory); each element is summed in client order."""
     total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weights must sum to a positive number, got {total}")
     out: State = OrderedDict()
-    for key, ref in states[0].items():
-        acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for state, weight in zip(states, weights, strict=True):
+    dtypes: dict[str, torch.dtype] = {}
+    count = 0
+    for state, weight in zip(states, weights, strict=False):
+        if count == 0:
+            if total <= 0:
+                raise ValueError(f"weights must sum to a positive number, got {total}")
+            out.update((k, torch.zeros(v.shape, dtype=torch.float64)) for k, v in state.items())
+            dtypes = {k: v.dtype for k, v in state.items()}
+        for key, acc in out.items():
             acc += state[key].to(torch.float64) * (float(weight) / total)
-        out[key] = acc.to(ref.dtype)
-    return out
+        count += 1
+    if count == 0:
+        raise ValueError("weighted_mean of no states")
+    if count != len(weights):
+        raise ValueError(f"{count} states but {len(weights)} weights")
+    return OrderedDict((k, v.to(dtypes[k])) for k, v in out.items())
+
+
+class RunningSum:
+    """``sum_i w_i s_i`` and ``sum_i w_i`` in float64, folded in one State at a time: the
+    coordinator's O(model) aggregation memory, however many clients report."""
+
+    def __init__(self) -> None:
+        self.sum: State = OrderedDict()
+        self.total = 0.0
+        self.dtypes: dict[str, torch.dtype] = {}
+
+    def add(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
+        if not self.sum:
+            self.sum.update((k, torch.zeros(v.shape, dtype=torch.float64))
+                            for k, v in state.items())
+            self.dtypes = {k: v.dtype for k, v in state.items()}
+        for key, acc in self.sum.items():
+            acc += state[key].to(torch.float64) * float(weight)
+        self.total += float(weight)
+
+    def mean(self) -> State:
+        if self.total <= 0:
+            raise ValueError(f"weights must sum to a positive number, got {self.total}")
+        return OrderedDict((k, (v / self.total).to(self.dtypes[k])) for k, v in self.sum.items())
 
 
 def global_norm(state: Mapping[str, torch.Tensor]) -> float:

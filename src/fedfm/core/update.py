@@ -80,3 +80,32 @@ def validate_update(update: ClientUpdate, reference: Mapping[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
                 value):
             raise ValueError(f"{who}: metric {name!r} must be a finite number, got {value!r}")
+
+
+class UpdateBatch(list[ClientUpdate]):
+    """A round's accepted updates. With ``fold=True`` each appended update's payload is also
+    folded into running float64 sums (example-weighted and uniform) as it arrives, so the mean
+    aggregator needs no second pass over payloads that may live on disk (the ``remote``
+    runtime). ``folded_mean`` answers only while the list holds exactly what was folded."""
+
+    def __init__(self, *, fold: bool = False) -> None:
+        super().__init__()
+        self._sums: dict[str, state_ops.RunningSum] | None = (
+            {"examples": state_ops.RunningSum(), "uniform": state_ops.RunningSum()}
+            if fold else None)
+        self._folded: list[int] = []
+
+    def append(self, update: ClientUpdate) -> None:
+        super().append(update)
+        if self._sums is None:
+            return
+        payload = update.payload
+        self._sums["examples"].add(payload, float(update.num_examples))
+        self._sums["uniform"].add(payload, 1.0)
+        self._folded.append(id(update))
+
+    def folded_mean(self, weighting: str) -> State | None:
+        if self._sums is None or not self or [id(u) for u in self] != self._folded:
+            return None
+        found = self._sums.get(weighting)
+        return found.mean() if found is not None else None

@@ -95,6 +95,13 @@ class Workload:
                         client.validation, eval_cfg)
         return report
 
+    def evaluate_examples(self, state: Mapping[str, torch.Tensor],
+                          examples: list[dict[str, Any]]) -> dict[str, float]:
+        """Metrics of the model holding ``state`` on ``examples`` (a client agent measuring
+        the global model on its own validation split)."""
+        self.set_state(state)
+        return self._evaluate_set(examples, self.config.eval)
+
     def _evaluate_set(self, examples: list[dict[str, Any]], eval_cfg: EvalConfig
                       ) -> dict[str, float]:
         # Every metric here is order-free (token- or example-weighted over the whole set), so

@@ -1,0 +1,583 @@
+"""The coordinator: the simulator's round loop with the ``remote`` runtime, made crash-safe.
+
+``Coordinator`` owns the durable state (``StateStore``, the run directory with its checkpoints,
+the update files) and runs ``RoundLoop`` in a background thread; the HTTP layer
+(``fedfm.deploy.app``) calls into it for registrations, task polls, downloads and uploads.
+
+How a round survives ``kill -9``: the round's selection, target and tasks are committed before
+any task is handed out; an upload is validated, written to its final file and fsynced, and only
+then accepted in the database (the client hears 200 after that); the round's aggregate is a
+checkpoint, after which the round is marked done and its update files removed. A restart with
+the same command restores the newest checkpoint, reopens the round that was in flight with the
+same selection, yields the updates already accepted from disk and waits only for the missing
+ones; a round that was aggregated but not yet checkpointed is aggregated again from the same
+files, so it ends with the same State.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfm.config import ConfigError, RunConfig, dump_config, load_config
+from fedfm.core.checkpoint import CheckpointManager
+from fedfm.core.client_store import MemoryClientStore
+from fedfm.core.loop import (
+    ClientOutcome,
+    EvalReport,
+    LoopSettings,
+    LoopSnapshot,
+    RoundLoop,
+)
+from fedfm.core.state import State
+from fedfm.core.update import Broadcast, validate_update
+from fedfm.deploy import wire
+from fedfm.deploy.store import (
+    ACCEPTED,
+    CANCELLED,
+    EXPIRED,
+    FINAL_STATUSES,
+    OPEN,
+    REJECTED,
+    StateStore,
+    TaskRecord,
+    atomic_write_bytes,
+    fsync_directory,
+)
+from fedfm.tracking import MetricsFileSink, RunDirectory
+
+log = logging.getLogger("fedfm.deploy")
+_SELECTION_STREAM = 4
+CRASH_ENV = "FEDFM_CRASH_AT"  # test hook: "point:round[:count]" -> SIGKILL ourselves there
+
+
+class DeployError(Exception):
+    """A request the coordinator refuses: ``status`` is the HTTP code, ``detail`` says why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def crash_point(point: str, round_index: int, count: int | None = None) -> None:
+    """Kill this process with SIGKILL (no cleanup, like ``kill -9``) when ``FEDFM_CRASH_AT``
+    names this point; how the crash-recovery tests stop the coordinator mid-round."""
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted:
+        return
+    parts = wanted.split(":")
+    if parts[0] != point or int(parts[1]) != round_index:
+        return
+    if len(parts) > 2 and count != int(parts[2]):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_deployable(config: RunConfig) -> None:
+    """Reject what a real deployment cannot do, before anything is loaded."""
+    if config.robustness.attack is not None:
+        raise ConfigError("invalid config: robustness.attack simulates malicious clients; a "
+                          "deployment has real ones (remove robustness.attack)")
+    if config.federation.dropout_prob > 0:
+        raise ConfigError("invalid config: federation.dropout_prob simulates dropouts; a "
+                          "deployment's clients drop out by themselves (set it to 0; "
+                          "deploy.min_updates is the dropout tolerance)")
+    if config.privacy.client_dp is not None and config.privacy.client_dp.sampling == "poisson":
+        raise ConfigError("invalid config: privacy.client_dp.sampling 'poisson' assumes each "
+                          "client joins independently at random, which a coordinator that "
+                          "picks among online clients cannot promise; use sampling: fixed")
+    if config.deploy.min_updates > config.federation.sample_size():
+        raise ConfigError(f"invalid config: deploy.min_updates={config.deploy.min_updates} "
+                          f"exceeds the clients per round ({config.federation.sample_size()})")
+
+
+@dataclass
+class RoundView:
+    """What the dashboard shows of the round in flight."""
+
+    index: int = 0
+    state: str = "waiting_for_clients"
+    deadline: float | None = None
+    selected: list[int] = field(default_factory=list)
+    target: int = 0
+
+
+class Coordinator:
+    """Durable state + the round loop thread. Thread-safe for the HTTP layer."""
+
+    def __init__(self, config: RunConfig, state_dir: str | Path) -> None:
+        from fedfm.api import check_components
+
+        check_components(config)
+        check_deployable(config)
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(self.state_dir / "coordinator.db")
+        self._claim_state_dir(config)
+        self.run_dir = RunDirectory(self.state_dir / "run")
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        self.run_dir.write_config(config)
+        self.changed = threading.Condition()
+        self.view = RoundView()
+        self.run_state = "starting"
+        self.error: str | None = None
+        self.started_at = time.time()
+        self.global_state: State | None = None
+        self._broadcast_bytes: dict[int, tuple[bytes, str]] = {}
+        self._thread: threading.Thread | None = None
+        self.finished = threading.Event()
+        self.algorithm: Any = None
+        self.workload: Any = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _claim_state_dir(self, config: RunConfig) -> None:
+        digest = config.config_hash()
+        saved = self.store.get_meta("config_hash")
+        if saved is None:
+            self.store.set_meta("config_hash", digest)
+            self.store.set_meta("config", json.dumps(config.model_dump(mode="json")))
+            self.store.set_meta("created_at", str(time.time()))
+        elif saved != digest:
+            raise ConfigError(f"--state-dir {self.state_dir} holds a run with another config "
+                              f"(hash {saved[:12]}, this one {digest[:12]}); use a new state "
+                              f"directory or the config that run started with")
+
+    def prepare(self) -> LoopSnapshot:
+        """Build the server half and the evaluation model; restore the newest checkpoint."""
+        from fedfm.api import _restore, build_algorithm, seed_everything
+
+        seed_everything(self.config.seed)
+        self.algorithm = build_algorithm(self.config)
+        self.workload = build_server_workload(self.config, self.algorithm)
+        snapshot = LoopSnapshot(round=0, global_state=self.workload.get_state(),
+                                server_state={}, totals={})
+        snapshot = _restore(self.run_dir, self.algorithm, MemoryClientStore(), snapshot)
+        self._remove_done_rounds(snapshot.round)
+        self.global_state = snapshot.global_state
+        self.view.index = snapshot.round
+        return snapshot
+
+    def _remove_done_rounds(self, last_done: int) -> None:
+        for directory in (self.state_dir / "updates").glob("round_*"):
+            if int(directory.name.split("_")[1]) <= last_done:
+                shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(self.state_dir / "incoming", ignore_errors=True)
+
+    def start(self) -> None:
+        snapshot = self.prepare()
+        self._thread = threading.Thread(target=self._run, args=(snapshot,), daemon=True,
+                                        name="fedfm-round-loop")
+        self._thread.start()
+
+    def _run(self, snapshot: LoopSnapshot) -> None:
+        from fedfm.api import _finish
+        from fedfm.eval import fairness_summary, primary_metric
+
+        config = self.config
+        metric, higher = primary_metric(self.workload.bundle.task)
+        settings = LoopSettings(
+            seed=config.seed, num_clients=config.federation.num_clients,
+            sample_size=config.federation.sample_size(), rounds=config.federation.rounds,
+            eval_every=config.eval.every, eval_enabled=config.eval.enabled,
+            eval_at_start=config.eval.at_start, per_client_eval=config.eval.per_client,
+            min_updates=config.deploy.min_updates)
+        loop = RoundLoop(settings=settings, server=self.algorithm.server,
+                         runtime=RemoteRuntime(self),
+                         observers=[MetricsFileSink(self.run_dir), _CrashObserver()],
+                         checkpointer=DeployCheckpointer(self), client_store=MemoryClientStore(),
+                         fairness=lambda per_client: fairness_summary(
+                             dict(per_client), metric=metric, higher_is_better=higher))
+        try:
+            self._set_state("running")
+            final = loop.run(snapshot)
+            _finish(config, self.run_dir, final, self.workload, show=False)
+            self._set_state("finished")
+        except Exception as exc:  # noqa: BLE001 - reported on the dashboard and the log
+            log.exception("the round loop failed")
+            self.error = f"{type(exc).__name__}: {exc}"
+            self._set_state("failed")
+        finally:
+            self.finished.set()
+
+    def _set_state(self, state: str) -> None:
+        with self.changed:
+            self.run_state = state
+            if state == "finished":
+                self.view.state = "done"
+            self.changed.notify_all()
+
+    # ------------------------------------------------------------------ rounds
+
+    def notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def publish_round(self, broadcast: Broadcast, selected: list[int], target: int) -> float:
+        """Write the round's broadcast, then open it (tasks become visible); the deadline."""
+        payload = wire.broadcast_to_bytes(broadcast)
+        self._broadcast_bytes = {broadcast.round: (payload, _sha256(payload))}
+        self.global_state = broadcast.global_state
+        deadline = time.time() + self.config.deploy.round_timeout_s
+        record = self.store.open_round(broadcast.round, selected, target, deadline)
+        with self.changed:
+            self.view = RoundView(broadcast.round, "training", deadline, record.selected, target)
+            self.changed.notify_all()
+        crash_point("round_opened", broadcast.round)
+        return deadline
+
+    def broadcast_for(self, task: TaskRecord) -> tuple[bytes, str]:
+        found = self._broadcast_bytes.get(task.round)
+        if found is None:
+            raise DeployError(409, f"task {task.task_id} belongs to round {task.round}, whose "
+                                   f"broadcast is no longer served (the current round is "
+                                   f"{self.view.index})")
+        return found
+
+    def update_limit(self) -> int:
+        if self.config.deploy.max_upload_mb is not None:
+            return int(self.config.deploy.max_upload_mb * 2**20)
+        from fedfm.core import state as state_ops
+
+        state = self.global_state or {}
+        return 4 * state_ops.num_bytes(state) + 2**20
+
+    # ------------------------------------------------------------------ uploads
+
+    def task_for_upload(self, client_id: int | None, task_id: str) -> TaskRecord:
+        """The task an upload targets, if this client may still upload for it."""
+        task = self.store.get_task(task_id)
+        if task is None:
+            raise DeployError(404, f"no task {task_id!r}")
+        if client_id is None or task.client_id != client_id:
+            raise DeployError(403, f"task {task_id} is not assigned to this client")
+        if task.status == ACCEPTED:
+            raise DeployError(409, f"task {task_id}: an update was already received (replay)")
+        if task.status != OPEN:
+            raise DeployError(409, f"task {task_id} is closed ({task.status}"
+                                   f"{': ' + task.error if task.error else ''})")
+        if task.round != self.view.index:
+            raise DeployError(409, f"task {task_id} is for round {task.round}; the current "
+                                   f"round is {self.view.index} (stale upload)")
+        return task
+
+    def receive_update(self, task: TaskRecord, incoming: Path, sha256: str) -> dict[str, Any]:
+        """Validate an uploaded file and accept it, or reject the client for this round."""
+        reference = self.global_state
+        assert reference is not None
+        try:
+            facts = wire.check_header(incoming, reference)
+            _check_identity(facts, task)
+            update = wire.load_update(incoming)
+            validate_update(update, reference)
+            check = getattr(self.algorithm.server, "check_update", None)
+            if check is not None:
+                check(update, reference)
+        except (ValueError, TypeError, KeyError) as exc:
+            incoming.unlink(missing_ok=True)
+            reason = str(exc)
+            log.warning("client %s: update for %s rejected: %s", task.client_id, task.task_id,
+                        reason)
+            self.store.close_task(task.task_id, REJECTED, reason)
+            self.notify()
+            raise DeployError(422, f"update rejected, client excluded from round "
+                                   f"{task.round}: {reason}") from None
+        final = self.update_path(task)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(incoming, final)
+        fsync_directory(final.parent)
+        metrics = {**update.metrics, "num_examples": update.num_examples}
+        wall_time = float(update.metadata.get("wall_time", 0.0) or 0.0)
+        if not self.store.accept_update(task.task_id, final, sha256, final.stat().st_size,
+                                        wall_time, metrics):
+            raise DeployError(409, f"task {task.task_id} closed while the upload arrived")
+        accepted = sum(1 for t in self.store.round_tasks(task.round) if t.status == ACCEPTED)
+        crash_point("update_accepted", task.round, accepted)
+        self.notify()
+        return {"accepted": True, "task_id": task.task_id, "round": task.round}
+
+    def update_path(self, task: TaskRecord) -> Path:
+        return (self.state_dir / "updates" / f"round_{task.round:04d}"
+                / f"client_{task.client_id}.safetensors")
+
+    def incoming_path(self) -> Path:
+        directory = self.state_dir / "incoming"
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"{time.time_ns()}-{os.getpid()}-{threading.get_ident()}.part"
+
+    # ------------------------------------------------------------------ polls and status
+
+    def next_task(self, client_id: int | None, wait: float) -> TaskRecord | None:
+        """An open task for this client, waiting up to ``wait`` seconds for one."""
+        if client_id is None:
+            return None
+        until = time.monotonic() + wait
+        with self.changed:
+            while True:
+                task = self.store.open_task_for(client_id)
+                if task is not None and task.round in self._broadcast_bytes:
+                    return task
+                remaining = until - time.monotonic()
+                if remaining <= 0 or self.finished.is_set():
+                    return None
+                self.changed.wait(timeout=min(remaining, 1.0))
+
+    def status(self) -> dict[str, Any]:
+        deploy = self.config.deploy
+        now = time.time()
+        latest = self.store.latest_client_metrics()
+        completed = self.store.rounds_completed()
+        received = 0
+        if self.view.index and self.view.state == "training":
+            received = sum(1 for t in self.store.round_tasks(self.view.index)
+                           if t.status == ACCEPTED)
+        clients = []
+        for record in self.store.clients():
+            if record.role != "client":
+                continue
+            online = record.last_seen is not None and now - record.last_seen <= \
+                deploy.offline_after_s
+            last_round, metrics = latest.get(record.client_id or -1, (None, {}))
+            clients.append({
+                "name": record.name, "id": record.client_id,
+                "status": "revoked" if record.revoked else ("online" if online else "offline"),
+                "last_seen": record.last_seen,
+                "rounds_completed": completed.get(record.client_id or -1, 0),
+                "last_round": last_round, "metrics": metrics})
+        return {
+            "run": {"name": self.config.name, "state": self.run_state,
+                    "rounds": self.config.federation.rounds,
+                    "algorithm": self.config.algorithm.name, "model": self.config.model.name,
+                    "started_at": self.started_at, "error": self.error},
+            "round": {"index": self.view.index, "state": self.view.state,
+                      "deadline": self.view.deadline, "selected": self.view.selected,
+                      "received": received, "target": self.view.target},
+            "clients": clients,
+            "server_time": now,
+        }
+
+    def online_clients(self) -> list[int]:
+        return self.store.training_clients(online_within=self.config.deploy.offline_after_s)
+
+
+def _check_identity(facts: dict[str, Any], task: TaskRecord) -> None:
+    for name, expected in (("client_id", task.client_id), ("round", task.round),
+                           ("task_id", task.task_id)):
+        if facts.get(name) != expected:
+            raise ValueError(f"upload: {name} is {facts.get(name)!r}, but the task says "
+                             f"{expected!r}")
+
+
+def _sha256(payload: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(payload).hexdigest()
+
+
+class _CrashObserver:
+    """Crash points around the end of a round (after the record, before the checkpoint)."""
+
+    def on_round_start(self, round: int, selected: list[int]) -> None:
+        return None
+
+    def on_client_done(self, round: int, outcome: ClientOutcome) -> None:
+        return None
+
+    def on_round_end(self, record: dict[str, Any]) -> None:
+        crash_point("aggregated", int(record.get("round", 0)))
+
+
+class DeployCheckpointer(CheckpointManager):
+    """Every round is checkpointed; then it is marked done and its update files go."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        super().__init__(coordinator.run_dir.checkpoints, every=1,
+                         keep=coordinator.config.tracking.keep_checkpoints)
+        self.coordinator = coordinator
+
+    def should_save(self, round_index: int, last_round: int) -> bool:
+        return True
+
+    def save(self, snapshot: LoopSnapshot) -> Path:
+        path = super().save(snapshot)
+        crash_point("checkpointed", snapshot.round)
+        coordinator = self.coordinator
+        coordinator.store.set_round_state(snapshot.round, "done")
+        coordinator._remove_done_rounds(snapshot.round)
+        return path
+
+
+class RemoteRuntime:
+    """Client halves run in client agents; this side hands out tasks and gathers updates."""
+
+    folds_updates = True
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.target = 0
+
+    # ------------------------------------------------------------------ selection
+
+    def select_clients(self, round_index: int, selection: list[int]) -> list[int]:
+        """The round's clients: as recorded (a restart), else among the online ones once
+        ``min_clients`` are online -- the loop's seeded choice where those are online, then
+        a seeded draw of the others, ``over_selection`` more than the target."""
+        coordinator = self.coordinator
+        existing = coordinator.store.get_round(round_index)
+        if existing is not None:
+            self.target = existing.target
+            return existing.selected
+        deploy = coordinator.config.deploy
+        with coordinator.changed:
+            coordinator.view = RoundView(round_index, "waiting_for_clients")
+            coordinator.changed.notify_all()
+            while len(coordinator.online_clients()) < deploy.min_clients:
+                coordinator.changed.wait(timeout=1.0)
+        online = coordinator.online_clients()
+        wanted = coordinator.config.federation.sample_size()
+        size = min(len(online), wanted + math.ceil(wanted * deploy.over_selection))
+        preferred = [c for c in selection if c in online]
+        others = [c for c in online if c not in selection]
+        np.random.default_rng([coordinator.config.seed, round_index, _SELECTION_STREAM]
+                              ).shuffle(others)
+        chosen = sorted((preferred + others)[:size])
+        self.target = min(wanted, len(chosen))
+        return chosen
+
+    # ------------------------------------------------------------------ rounds
+
+    def run_clients(self, client_ids: list[int], broadcast: Broadcast,
+                    round: int) -> Iterator[ClientOutcome]:
+        coordinator = self.coordinator
+        deadline = coordinator.publish_round(broadcast, client_ids, self.target or len(client_ids))
+        target = coordinator.store.get_round(round).target  # type: ignore[union-attr]
+        yielded: set[str] = set()
+        while True:
+            tasks = coordinator.store.round_tasks(round)
+            yield from self._finished(tasks, yielded)
+            accepted = sum(1 for t in tasks if t.status == ACCEPTED)
+            if accepted >= target or all(t.status in FINAL_STATUSES for t in tasks) \
+                    or time.time() >= deadline:
+                break
+            with coordinator.changed:
+                coordinator.changed.wait(timeout=min(1.0, max(0.0, deadline - time.time())))
+        enough = accepted >= target
+        for task in coordinator.store.round_tasks(round):
+            if task.status == OPEN:
+                coordinator.store.close_task(
+                    task.task_id, CANCELLED if enough else EXPIRED,
+                    "over-selected: the round had enough updates" if enough
+                    else "no update by the round deadline")
+        yield from self._finished(coordinator.store.round_tasks(round), yielded)
+        with coordinator.changed:
+            coordinator.view.state = "aggregating"
+            coordinator.changed.notify_all()
+
+    def _finished(self, tasks: list[TaskRecord], yielded: set[str]) -> Iterator[ClientOutcome]:
+        for task in tasks:
+            if task.status not in FINAL_STATUSES or task.task_id in yielded:
+                continue
+            yielded.add(task.task_id)
+            yield self._outcome(task)
+
+    def _outcome(self, task: TaskRecord) -> ClientOutcome:
+        if task.status != ACCEPTED:
+            status = "rejected" if task.status == REJECTED else "dropped"
+            return ClientOutcome(task.client_id, None, status=status, error=task.error)
+        record = self.coordinator.store.update_for(task.task_id)
+        assert record is not None
+        path = Path(record.path)
+        update = wire.SpilledUpdate(path, wire.update_facts(path))
+        return ClientOutcome(task.client_id, update, wall_time=record.wall_time,
+                             bytes_up=record.num_bytes)
+
+    def evaluate(self, global_state: State, *, round: int, per_client: bool) -> EvalReport:
+        """Global metrics on the coordinator's validation set (``data.validation_path``, when
+        the coordinator has it); per-client metrics as the clients measured them on their own
+        validation split, with the global model they received this round."""
+        coordinator = self.coordinator
+        report = EvalReport()
+        if coordinator.workload.data.global_validation:
+            report = coordinator.workload.evaluate(global_state, per_client=False)
+        if per_client:
+            for task in coordinator.store.round_tasks(round):
+                if task.status != ACCEPTED:
+                    continue
+                record = coordinator.store.update_for(task.task_id)
+                if record is None or not Path(record.path).exists():
+                    continue
+                found = wire.update_facts(Path(record.path)).get("metadata", {}).get("eval")
+                if isinstance(found, dict):
+                    report.per_client[task.client_id] = {
+                        k: float(v) for k, v in found.items() if isinstance(v, int | float)}
+        return report
+
+    def close(self) -> None:
+        return None
+
+
+def build_server_workload(config: RunConfig, algorithm: Any) -> Any:
+    """The coordinator's model (initial State, evaluation) and validation set: the rows of
+    ``data.validation_path`` when that file is on the coordinator, else none."""
+    import torch
+
+    from fedfm.api import _bind_root_data
+    from fedfm.data import FederatedData, build_federated_data, load_label_info
+    from fedfm.models import apply_adapter, load_model
+    from fedfm.runtime.workload import Workload, resolve_device
+
+    if config.runtime.num_threads is not None:
+        torch.set_num_threads(config.runtime.num_threads)
+    device = resolve_device(config.runtime)
+    label_names, num_labels = (None, None)
+    validation_path = config.data.validation_path
+    has_validation = validation_path is not None and Path(validation_path.split("::")[0]).exists()
+    if config.data.format == "classification" and (has_validation or config.data.label_names):
+        source = config.data if not has_validation else config.data.model_copy(
+            update={"path": validation_path})
+        label_names, num_labels = load_label_info(source)
+    bundle = load_model(config.model, seed=config.seed, num_labels=num_labels)
+    bundle = apply_adapter(bundle, config.adapter, seed=config.seed)
+    bundle.model.to(device)
+    validation: list[dict[str, Any]] = []
+    if has_validation:
+        data_cfg = config.data.model_copy(update={"path": validation_path,
+                                                  "client_validation_fraction": 0.0})
+        built = build_federated_data(data_cfg, num_clients=1, tokenizer=bundle.tokenizer,
+                                     task=bundle.task, max_length=config.model.max_length,
+                                     seed=config.seed)
+        validation = built.global_validation
+    data = FederatedData(clients=[], global_validation=validation, label_names=label_names,
+                         num_labels=num_labels, task=bundle.task, stats=None)  # type: ignore
+    workload = Workload(bundle=bundle, data=data, client=algorithm.client, config=config,
+                        device=device, autocast_dtype=None)
+    if validation:
+        _bind_root_data(algorithm, workload)
+    elif config.algorithm.aggregator == "fltrust":
+        raise ConfigError("invalid config: algorithm.aggregator 'fltrust' needs the server's "
+                          "root data: data.validation_path must exist on the coordinator")
+    return workload
+
+
+def load_server_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    config = load_config(path, overrides)
+    config.runtime.kind = "remote"
+    return config
+
+
+__all__ = ["Coordinator", "DeployError", "RemoteRuntime", "atomic_write_bytes", "dump_config",
+           "load_server_config"]
