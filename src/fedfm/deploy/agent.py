@@ -43,6 +43,10 @@ from fedfm.deploy.store import atomic_write_bytes
 log = logging.getLogger("fedfm.agent")
 API = "/api/v1"
 _CLIENT_STREAM = 3  # the local runtime's client seed stream: same seeds, same training
+# Building the model (random-init presets) and local training (dropout, reseeded per client
+# and round) use torch's process-wide RNG: agents that share a process (tests, a site running
+# several) take turns, so each computes exactly what it would alone.
+_TORCH_RNG = threading.Lock()
 
 
 class AgentError(RuntimeError):
@@ -197,9 +201,10 @@ class ClientAgent:
         from fedfm.api import build_algorithm, build_workload, check_components, seed_everything
 
         check_components(config)
-        seed_everything(config.seed)
-        algorithm = build_algorithm(config)
-        self.workload = build_workload(config, algorithm)
+        with _TORCH_RNG:
+            seed_everything(config.seed)
+            algorithm = build_algorithm(config)
+            self.workload = build_workload(config, algorithm)
         index = self.config.partition.index if self.config.partition else 0
         clients = self.workload.data.clients
         if index >= len(clients):
@@ -286,7 +291,8 @@ class ClientAgent:
             self.train_examples, client_id=client_id, round=round_index,
             seed=derive_seed(config.seed, round_index, client_id, _CLIENT_STREAM),
             client_state=self.client_store.get(client_id))
-        result = workload.client.run(context, broadcast)
+        with _TORCH_RNG:
+            result = workload.client.run(context, broadcast)
         update = result.update
         update.metadata = {**update.metadata, **metadata,
                            "wall_time": time.perf_counter() - start}

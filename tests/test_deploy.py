@@ -1,0 +1,115 @@
+"""The deployment end to end: real client processes and agents against a coordinator process,
+compared with the local runtime; ``kill -9`` of the coordinator at several points of a round."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+import fedfm
+from fedfm.config import config_from_dict
+from fedfm.core import state as state_ops
+from fedfm.deploy.coordinator import CRASH_ENV
+from tests.deploy_util import (
+    add_clients,
+    agents_running,
+    server_config_dict,
+    start_server,
+    wait_finished,
+    write_config,
+)
+
+TOLERANCE = 1e-6
+
+
+def local_final_state(tmp_path: Path, raw: dict) -> dict:
+    config = config_from_dict({**raw, "tracking": {**raw["tracking"],
+                                                   "output_dir": str(tmp_path / "local")}})
+    return fedfm.run(config, console=False).final_state
+
+
+def remote_final_state(state_dir: Path) -> dict:
+    return load_file(str(state_dir / "run" / "final" / "global.safetensors"))
+
+
+def rounds_logged(state_dir: Path) -> list[int]:
+    lines = (state_dir / "run" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["round"] for line in lines if line.strip()]
+
+
+def test_client_processes_reach_the_local_runtime_state(tmp_path: Path) -> None:
+    """Three `fedfm client` processes on loopback end where the local runtime ends."""
+    raw = server_config_dict(tmp_path, federation={"num_clients": 3, "clients_per_round": 2,
+                                                   "rounds": 3})
+    config_path = write_config(tmp_path, raw)
+    state_dir = tmp_path / "state"
+    tokens = add_clients(state_dir, 3)
+    server, url = start_server(config_path, state_dir)
+    clients = []
+    try:
+        for index, token in enumerate(tokens):
+            client_yaml = tmp_path / f"client{index}.yaml"
+            client_yaml.write_text(yaml.safe_dump({
+                "data": {"path": raw["data"]["path"]}, "partition": {"of": 3, "index": index},
+                "state_dir": str(tmp_path / f"agent{index}"), "runtime": {"num_threads": 1}}))
+            clients.append(subprocess.Popen(
+                [sys.executable, "-m", "fedfm.cli", "client", "--server", url, "--config",
+                 str(client_yaml)], env={**os.environ, "FEDFM_TOKEN": token},
+                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"client{index}.log", "wb")))
+        assert wait_finished(server, 240) == 0
+        for client in clients:
+            assert client.wait(timeout=60) == 0
+    finally:
+        for process in (server, *clients):
+            if process.poll() is None:
+                process.kill()
+    remote = remote_final_state(state_dir)
+    local = local_final_state(tmp_path, raw)
+    assert state_ops.max_abs_diff(local, remote) <= TOLERANCE
+    assert rounds_logged(state_dir) == [1, 2, 3]
+    summary = json.loads((state_dir / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 3
+
+
+CRASH_POINTS = [
+    "round_opened:2",  # tasks handed out, nothing received yet
+    "update_accepted:2:1",  # one of the round's updates accepted
+    "update_accepted:1:2",  # all of round 1's updates accepted, not yet aggregated
+    "aggregated:1",  # the round's record written, its checkpoint not yet
+    "checkpointed:2",  # the checkpoint written, the round not yet marked done
+]
+
+
+@pytest.mark.parametrize("crash_at", CRASH_POINTS)
+def test_kill_9_then_restart_resumes_the_round(tmp_path: Path, crash_at: str) -> None:
+    """SIGKILL at a point of a round, restart with the same command: no accepted update and
+    no completed round is lost, and the run ends with the uninterrupted run's State."""
+    raw = server_config_dict(tmp_path, federation={"num_clients": 2, "clients_per_round": 2,
+                                                   "rounds": 3})
+    config_path = write_config(tmp_path, raw)
+    state_dir = tmp_path / "state"
+    tokens = add_clients(state_dir, 2)
+    server, url = start_server(config_path, state_dir, env={CRASH_ENV: crash_at})
+    port = int(url.rsplit(":", 1)[1])
+    restarted = None
+    try:
+        with agents_running(url, tokens, tmp_path) as agents:
+            assert server.wait(timeout=180) == -signal.SIGKILL
+            restarted, _ = start_server(config_path, state_dir, port=port)
+            assert wait_finished(restarted, 240) == 0
+        assert all(not hasattr(agent, "error") for agent in agents)
+    finally:
+        for process in (server, restarted):
+            if process is not None and process.poll() is None:
+                process.kill()
+    assert rounds_logged(state_dir) == [1, 2, 3]
+    local = local_final_state(tmp_path, raw)
+    assert state_ops.max_abs_diff(local, remote_final_state(state_dir)) <= TOLERANCE
