@@ -112,10 +112,11 @@ def wait_finished(process: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 @contextmanager
-def coordinator_app(tmp_path: Path, clients: int = 3, **changes: Any
+def coordinator_app(tmp_path: Path, clients: int = 3, online: bool = True, **changes: Any
                     ) -> Iterator[tuple[Any, Any, list[str]]]:
     """An in-process coordinator (round loop thread) behind FastAPI's TestClient; no agent
-    runs, the test plays the clients. Yields (coordinator, http client, client tokens)."""
+    runs, the test plays the clients (all online from the start unless ``online=False``).
+    Yields (coordinator, http client, client tokens)."""
     from fastapi.testclient import TestClient
 
     from fedfm.config import config_from_dict
@@ -130,9 +131,13 @@ def coordinator_app(tmp_path: Path, clients: int = 3, **changes: Any
     tokens = add_clients(state_dir, clients)
     coordinator = Coordinator(config, state_dir)
     coordinator.start()
-    with TestClient(create_app(coordinator)) as http:
-        yield coordinator, http, tokens
-    coordinator.finished.set()
+    try:
+        with TestClient(create_app(coordinator)) as http:
+            for token in tokens if online else []:
+                assert http.post("/api/v1/heartbeat", headers=bearer(token)).status_code == 200
+            yield coordinator, http, tokens
+    finally:
+        coordinator.stop()
 
 
 def bearer(token: str) -> dict[str, str]:

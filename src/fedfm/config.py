@@ -469,11 +469,11 @@ class DeployConfig(_Section):
     """Round control of a real deployment (``fedfm server``; the ``remote`` runtime). A round
     starts once ``min_clients`` clients are online; it selects ``clients_per_round`` of the
     online clients, ``over_selection`` more on top (Bonawitz et al., "Towards Federated
-    Learning at Scale", MLSys 2019), closes as soon as ``clients_per_round`` updates are
+    Learning at Scale", MLSys 2019) when that many are online, closes as soon as ``clients_per_round`` updates are
     accepted or at ``round_timeout_s``, and aggregates if at least ``min_updates`` arrived
     (the dropout tolerance; else the round is aborted and keeps the global State)."""
 
-    min_clients: int = Field(default=1, ge=1)
+    min_clients: int | None = Field(default=None, ge=1)  # None: the clients per round
     round_timeout_s: float = Field(default=600.0, gt=0.0)
     over_selection: float = Field(default=0.0, ge=0.0, le=2.0)  # 0.3: select 30% more
     min_updates: int = Field(default=1, ge=1)

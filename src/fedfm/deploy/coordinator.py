@@ -63,6 +63,10 @@ _SELECTION_STREAM = 4
 CRASH_ENV = "FEDFM_CRASH_AT"  # test hook: "point:round[:count]" -> SIGKILL ourselves there
 
 
+class CoordinatorStopped(Exception):
+    """``Coordinator.stop()`` was called: the loop leaves at its next wait."""
+
+
 class DeployError(Exception):
     """A request the coordinator refuses: ``status`` is the HTTP code, ``detail`` says why."""
 
@@ -140,6 +144,7 @@ class Coordinator:
         self._broadcast_bytes: dict[int, tuple[bytes, str]] = {}
         self._thread: threading.Thread | None = None
         self.finished = threading.Event()
+        self.stopping = threading.Event()
         self.algorithm: Any = None
         self.workload: Any = None
 
@@ -207,12 +212,27 @@ class Coordinator:
             final = loop.run(snapshot)
             _finish(config, self.run_dir, final, self.workload, show=False)
             self._set_state("finished")
+        except CoordinatorStopped:
+            self._set_state("stopped")
         except Exception as exc:  # noqa: BLE001 - reported on the dashboard and the log
             log.exception("the round loop failed")
             self.error = f"{type(exc).__name__}: {exc}"
             self._set_state("failed")
         finally:
             self.finished.set()
+
+    def stop(self) -> None:
+        """Leave the round loop at its next wait (the round in flight resumes on restart)."""
+        self.stopping.set()
+        self.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def wait(self, timeout: float) -> None:
+        """Wait on ``changed`` (held by the caller) unless stopping."""
+        if self.stopping.is_set():
+            raise CoordinatorStopped
+        self.changed.wait(timeout=timeout)
 
     def _set_state(self, state: str) -> None:
         with self.changed:
@@ -332,7 +352,7 @@ class Coordinator:
                 if task is not None and task.round in self._broadcast_bytes:
                     return task
                 remaining = until - time.monotonic()
-                if remaining <= 0 or self.finished.is_set():
+                if remaining <= 0 or self.finished.is_set() or self.stopping.is_set():
                     return None
                 self.changed.wait(timeout=min(remaining, 1.0))
 
@@ -442,13 +462,14 @@ class RemoteRuntime:
             self.target = existing.target
             return existing.selected
         deploy = coordinator.config.deploy
+        wanted = coordinator.config.federation.sample_size()
+        minimum = deploy.min_clients if deploy.min_clients is not None else wanted
         with coordinator.changed:
             coordinator.view = RoundView(round_index, "waiting_for_clients")
             coordinator.changed.notify_all()
-            while len(coordinator.online_clients()) < deploy.min_clients:
-                coordinator.changed.wait(timeout=1.0)
+            while len(coordinator.online_clients()) < minimum:
+                coordinator.wait(1.0)
         online = coordinator.online_clients()
-        wanted = coordinator.config.federation.sample_size()
         size = min(len(online), wanted + math.ceil(wanted * deploy.over_selection))
         preferred = [c for c in selection if c in online]
         others = [c for c in online if c not in selection]
@@ -474,7 +495,7 @@ class RemoteRuntime:
                     or time.time() >= deadline:
                 break
             with coordinator.changed:
-                coordinator.changed.wait(timeout=min(1.0, max(0.0, deadline - time.time())))
+                coordinator.wait(min(1.0, max(0.0, deadline - time.time())))
         enough = accepted >= target
         for task in coordinator.store.round_tasks(round):
             if task.status == OPEN:
