@@ -467,11 +467,11 @@ class PrivacyConfig(_Section):
 
 class DeployConfig(_Section):
     """Round control of a real deployment (``fedfm server``; the ``remote`` runtime). A round
-    starts once ``min_clients`` clients are online; it selects ``clients_per_round`` of the
-    online clients, ``over_selection`` more on top (Bonawitz et al., "Towards Federated
-    Learning at Scale", MLSys 2019) when that many are online, closes as soon as ``clients_per_round`` updates are
-    accepted or at ``round_timeout_s``, and aggregates if at least ``min_updates`` arrived
-    (the dropout tolerance; else the round is aborted and keeps the global State)."""
+    starts once ``min_clients`` clients are online (None: as many as a round takes); it selects
+    ``clients_per_round`` of the online clients plus ``over_selection`` more (Bonawitz et al.,
+    "Towards Federated Learning at Scale", MLSys 2019), closes as soon as ``clients_per_round``
+    updates are accepted or at ``round_timeout_s``, and aggregates if at least ``min_updates``
+    arrived (the dropout tolerance; else the round is aborted and keeps the global State)."""
 
     min_clients: int | None = Field(default=None, ge=1)  # None: the clients per round
     round_timeout_s: float = Field(default=600.0, gt=0.0)
