@@ -113,3 +113,66 @@ def test_kill_9_then_restart_resumes_the_round(tmp_path: Path, crash_at: str) ->
     assert rounds_logged(state_dir) == [1, 2, 3]
     local = local_final_state(tmp_path, raw)
     assert state_ops.max_abs_diff(local, remote_final_state(state_dir)) <= TOLERANCE
+
+
+def test_agent_restart_resends_and_no_raw_data_leaves(tmp_path: Path) -> None:
+    """An agent killed after training (update on disk, not sent) is restarted and resends that
+    update; the run still ends at the local runtime's State. Everything an agent sends is
+    adapter tensors and scalars: no request body holds any of its training text."""
+    from fedfm.deploy.agent import ClientAgent
+    from fedfm.deploy.wire import UPDATE_META
+    from tests.deploy_util import agent_config
+
+    raw = server_config_dict(tmp_path, federation={"num_clients": 2, "clients_per_round": 2,
+                                                   "rounds": 3})
+    config_path = write_config(tmp_path, raw)
+    state_dir = tmp_path / "state"
+    tokens = add_clients(state_dir, 2)
+    server, url = start_server(config_path, state_dir)
+    bodies: list[bytes] = []
+    watched = ClientAgent(url, tokens[0], agent_config(tmp_path, 0, 2),
+                          on_request=lambda request: bodies.append(request.read()))
+    client_yaml = tmp_path / "client1.yaml"
+    client_yaml.write_text(yaml.safe_dump({
+        "data": {"path": raw["data"]["path"]}, "partition": {"of": 2, "index": 1},
+        "state_dir": str(tmp_path / "agent1"), "runtime": {"num_threads": 1}}))
+    command = [sys.executable, "-m", "fedfm.cli", "client", "--server", url, "--config",
+               str(client_yaml)]
+    log_file = tmp_path / "agent1.log"
+    env = {**os.environ, "FEDFM_TOKEN": tokens[1]}
+    processes = [server]
+    try:
+        import threading
+
+        thread = threading.Thread(target=watched.run, daemon=True)
+        thread.start()
+        with open(log_file, "ab") as log:
+            first = subprocess.Popen(command, env={**env, CRASH_ENV: "agent_trained:2"},
+                                     stderr=log, stdout=log)
+            processes.append(first)
+            assert first.wait(timeout=180) == -signal.SIGKILL
+            second = subprocess.Popen(command, env=env, stderr=log, stdout=log)
+            processes.append(second)
+            assert wait_finished(server, 240) == 0
+            assert second.wait(timeout=60) == 0
+        thread.join(timeout=60)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert "resending the update computed before a restart" in log_file.read_text()
+    assert state_ops.max_abs_diff(local_final_state(tmp_path, raw),
+                                  remote_final_state(state_dir)) <= TOLERANCE
+    texts = [json.loads(line)["sentence"] for line in Path(raw["data"]["path"]).read_text(
+        ).splitlines()[: raw["data"]["max_rows"]]]
+    sent = b"".join(bodies)
+    assert sent and not any(t.encode() in sent for t in texts if len(t) >= 12)
+    uploads = [b for b in bodies if UPDATE_META.encode() in b[:4096]]
+    assert len(uploads) == 3  # one update per round, nothing else carries tensors
+    from fedfm.core.state import read_metadata
+
+    for body in uploads:
+        facts = json.loads(read_metadata(body)[UPDATE_META])
+        assert set(facts) == {"client_id", "round", "task_id", "num_examples", "metrics",
+                              "metadata"}
+        assert set(facts["metadata"]) <= {"eval", "wall_time"}

@@ -38,6 +38,7 @@ from fedfm.core.client_store import DiskClientStore
 from fedfm.core.loop import derive_seed
 from fedfm.core.update import Broadcast
 from fedfm.deploy import wire
+from fedfm.deploy.faults import crash_point
 from fedfm.deploy.store import atomic_write_bytes
 
 log = logging.getLogger("fedfm.agent")
@@ -130,6 +131,7 @@ class ClientAgent:
         self.validation: list[dict[str, Any]] = []
         self.run_config: RunConfig | None = None
         self.tasks_done = 0
+        self.resent = 0  # updates computed before a restart and sent after it
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ HTTP with retries
@@ -245,8 +247,13 @@ class ClientAgent:
 
     def _do_task(self, task: dict[str, Any]) -> None:
         pending = self.state_dir / "pending" / f"{task['task_id']}.safetensors"
-        if not pending.exists():
+        if pending.exists():
+            log.info("task %s: resending the update computed before a restart",
+                     task["task_id"])
+            self.resent += 1
+        else:
             self._train(task, pending)
+            crash_point("agent_trained", int(task["round"]))
         body = pending.read_bytes()
         response = self._request("PUT", f"/tasks/{task['task_id']}/update", content=body,
                                  headers={"X-Content-SHA256": hashlib.sha256(body).hexdigest(),

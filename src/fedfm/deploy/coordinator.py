@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ from fedfm.core.loop import (
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast, validate_update
 from fedfm.deploy import wire
+from fedfm.deploy.faults import CRASH_ENV, crash_point
 from fedfm.deploy.store import (
     ACCEPTED,
     CANCELLED,
@@ -60,7 +60,6 @@ from fedfm.tracking import MetricsFileSink, RunDirectory
 
 log = logging.getLogger("fedfm.deploy")
 _SELECTION_STREAM = 4
-CRASH_ENV = "FEDFM_CRASH_AT"  # test hook: "point:round[:count]" -> SIGKILL ourselves there
 
 
 class CoordinatorStopped(Exception):
@@ -74,20 +73,6 @@ class DeployError(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
-
-
-def crash_point(point: str, round_index: int, count: int | None = None) -> None:
-    """Kill this process with SIGKILL (no cleanup, like ``kill -9``) when ``FEDFM_CRASH_AT``
-    names this point; how the crash-recovery tests stop the coordinator mid-round."""
-    wanted = os.environ.get(CRASH_ENV)
-    if not wanted:
-        return
-    parts = wanted.split(":")
-    if parts[0] != point or int(parts[1]) != round_index:
-        return
-    if len(parts) > 2 and count != int(parts[2]):
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_deployable(config: RunConfig) -> None:
@@ -600,5 +585,5 @@ def load_server_config(path: str | Path, overrides: list[str] | None = None) -> 
     return config
 
 
-__all__ = ["Coordinator", "DeployError", "RemoteRuntime", "atomic_write_bytes", "dump_config",
-           "load_server_config"]
+__all__ = ["CRASH_ENV", "Coordinator", "DeployError", "RemoteRuntime", "atomic_write_bytes",
+           "dump_config", "load_server_config"]
