@@ -481,6 +481,8 @@ class DeployConfig(_Section):
     heartbeat_s: float = Field(default=10.0, gt=0.0)
     offline_after_s: float = Field(default=60.0, gt=0.0)  # no request for this long: offline
     long_poll_s: float = Field(default=25.0, gt=0.0, le=120.0)
+    # secure aggregation over the network: each protocol step after training waits this long
+    secagg_step_timeout_s: float = Field(default=60.0, gt=0.0)
 
 
 class RunConfig(_Section):

@@ -246,6 +246,9 @@ class ClientAgent:
                 self.http.post(f"{API}/heartbeat")
 
     def _do_task(self, task: dict[str, Any]) -> None:
+        if task.get("protocol") == "secagg":
+            self._do_secure_task(task)
+            return
         pending = self.state_dir / "pending" / f"{task['task_id']}.safetensors"
         if pending.exists():
             log.info("task %s: resending the update computed before a restart",
@@ -272,6 +275,38 @@ class ClientAgent:
         pending.unlink(missing_ok=True)
         state_file.unlink(missing_ok=True)
 
+    def _do_secure_task(self, task: dict[str, Any]) -> None:
+        """Train, then hand the update to SecAgg+ instead of uploading it: the coordinator
+        only ever learns the sum (``fedfm.deploy.secure``)."""
+        from fedfm.deploy.secure import client_secure_steps
+
+        update, _ = self._compute(task)
+        if client_secure_steps(self, task, update):
+            self.tasks_done += 1
+
+    def secure_call(self, method: str, path: str, *, json: Any = None, content: bytes = b"",
+                    binary: bool = False) -> bool:
+        """One protocol message; False when the coordinator has moved on (we dropped out)."""
+        kwargs: dict[str, Any] = {"json": json} if not binary else {
+            "content": content, "headers": {"Content-Type": "application/octet-stream"}}
+        response = self._request(method, path, **kwargs)
+        if response.status_code != 200:
+            log.warning("secure aggregation %s: %s", path, _detail(response))
+            return False
+        return True
+
+    def secure_wait(self, path: str) -> dict[str, Any] | None:
+        """Long-poll a protocol step until it opens; None when we are out of the protocol."""
+        while not self._stop.is_set():
+            response = self._request("GET", path, params={"wait": self.long_poll_s})
+            if response.status_code != 200:
+                log.warning("secure aggregation %s: %s", path, _detail(response))
+                return None
+            found = response.json()
+            if found.get("ready"):
+                return found
+        return None
+
     def _download(self, task: dict[str, Any]) -> Broadcast:
         response = self._request("GET", f"/tasks/{task['task_id']}/state")
         _expect_ok(response, "download the global State")
@@ -281,10 +316,9 @@ class ClientAgent:
                              f"SHA-256")
         return wire.broadcast_from_bytes(body)
 
-    def _train(self, task: dict[str, Any], pending: Path) -> None:
-        from fedfm.core import client_store as store_ops
-        from fedfm.core import state as state_ops
-
+    def _compute(self, task: dict[str, Any]) -> tuple[Any, Any]:
+        """Download the broadcast, measure it on our validation split, train: (update, new
+        per-client state)."""
         start = time.perf_counter()
         broadcast = self._download(task)
         workload, config = self.workload, self.run_config
@@ -303,10 +337,18 @@ class ClientAgent:
         update = result.update
         update.metadata = {**update.metadata, **metadata,
                            "wall_time": time.perf_counter() - start}
-        if result.client_state is not None:
+        return update, result.client_state
+
+    def _train(self, task: dict[str, Any], pending: Path) -> None:
+        """Compute the update and keep it (and the new per-client state) on disk until sent."""
+        from fedfm.core import client_store as store_ops
+        from fedfm.core import state as state_ops
+
+        update, client_state = self._compute(task)
+        if client_state is not None:
             atomic_write_bytes(pending.with_suffix(".state.safetensors"), state_ops.to_bytes(
-                store_ops.flatten(result.client_state)))
-        atomic_write_bytes(pending, wire.update_to_bytes(update, round_index=round_index,
+                store_ops.flatten(client_state)))
+        atomic_write_bytes(pending, wire.update_to_bytes(update, round_index=int(task["round"]),
                                                          task_id=task["task_id"]))
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
 
 import anyio
+import numpy as np
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -50,6 +52,7 @@ class TaskOut(BaseModel):
     task_id: str
     round: int
     kind: str
+    protocol: str  # plain: upload the update; secagg: the secure aggregation steps
     client_id: int
     deadline: float | None
     state_sha256: str
@@ -70,6 +73,26 @@ class UploadAck(BaseModel):
     accepted: bool
     task_id: str
     round: int
+
+
+class UpdateFacts(BaseModel):
+    num_examples: int = Field(gt=0)
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=256)
+    metadata: dict[str, Any] = Field(default_factory=dict, max_length=64)
+
+
+class Advertise(BaseModel):
+    c_pk: str = Field(max_length=64)
+    s_pk: str = Field(max_length=64)
+    facts: UpdateFacts
+
+
+class Shares(BaseModel):
+    shares: dict[str, str] = Field(max_length=4096)
+
+
+class Unmask(BaseModel):
+    shares: dict[str, list[str]] = Field(max_length=4096)
 
 
 class Health(BaseModel):
@@ -149,7 +172,9 @@ def create_app(coordinator: Coordinator) -> FastAPI:
         payload, digest = coordinator.broadcast_for(task)
         deadline = coordinator.view.deadline if coordinator.view.index == task.round else None
         return TaskResponse(task=TaskOut(
-            task_id=task.task_id, round=task.round, kind=task.kind, client_id=task.client_id,
+            task_id=task.task_id, round=task.round, kind=task.kind,
+            protocol="secagg" if coordinator.secure is not None else "plain",
+            client_id=task.client_id,
             deadline=deadline, state_sha256=digest, state_bytes=len(payload)),
             run_state=coordinator.run_state)
 
@@ -207,6 +232,8 @@ def create_app(coordinator: Coordinator) -> FastAPI:
                                          digest.hexdigest())
         return UploadAck(**result)
 
+    _secure_routes(app, coordinator)
+
     @app.get(f"{API}/status")
     def status(viewer: Anyone) -> dict[str, Any]:
         return coordinator.status()
@@ -223,3 +250,103 @@ def create_app(coordinator: Coordinator) -> FastAPI:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     return app
+
+
+Wait = Annotated[float, Query(ge=0.0, le=MAX_WAIT_S, description="Seconds to wait (long poll).")]
+
+
+def _client_ids(raw: dict[str, Any], what: str) -> dict[int, Any]:
+    try:
+        return {int(k): v for k, v in raw.items()}
+    except ValueError:
+        raise DeployError(422, f"{what}: keys must be client ids (integers)") from None
+
+
+def _secure_routes(app: FastAPI, coordinator: Coordinator) -> None:
+    """The four SecAgg+ steps (``fedfm.deploy.secure``) for the clients of a secure round."""
+    from fedfm.deploy.secure import KEY_BYTES, b64, unb64
+
+    def finite(facts: UpdateFacts) -> dict[str, Any]:
+        if not all(math.isfinite(v) for v in facts.metrics.values()):
+            raise DeployError(422, "facts.metrics: values must be finite")
+        return facts.model_dump()
+
+    def waited(client: ClientRecord, round_index: int, phase: str, wait: float,
+               action: Any) -> dict[str, Any]:
+        found = coordinator.secure_wait(client.client_id, round_index, phase,
+                                        min(wait, coordinator.config.deploy.long_poll_s), action)
+        return {"ready": False} if found is None else {"ready": True, **found}
+
+    @app.post(f"{API}/secagg/{{round_index}}/advertise", response_model=Ack)
+    def advertise(round_index: int, body: Advertise, client: Client) -> Ack:
+        c_pk = _decoded(unb64, body.c_pk, "c_pk", KEY_BYTES)
+        s_pk = _decoded(unb64, body.s_pk, "s_pk", KEY_BYTES)
+        facts = finite(body.facts)
+        coordinator.secure_act(client.client_id, round_index, lambda r: r.advertise(
+            client.client_id, c_pk, s_pk, facts))
+        return Ack(ok=True, run_state=coordinator.run_state)
+
+    @app.get(f"{API}/secagg/{{round_index}}/neighbours")
+    def neighbours(round_index: int, client: Client, wait: Wait = 0.0) -> dict[str, Any]:
+        def keys(r: Any) -> dict[str, Any]:
+            found = r.neighbour_keys(client.client_id)
+            return {"threshold": r.threshold, "keys": {
+                str(v): {"c_pk": b64(k["c_pk"]), "s_pk": b64(k["s_pk"])}
+                for v, k in found.items()}}
+        return waited(client, round_index, "share", wait, keys)
+
+    @app.post(f"{API}/secagg/{{round_index}}/shares", response_model=Ack)
+    def shares(round_index: int, body: Shares, client: Client) -> Ack:
+        decoded = {v: _decoded(unb64, ct, f"shares[{v}]") for v, ct in
+                   _client_ids(body.shares, "shares").items()}
+        coordinator.secure_act(client.client_id, round_index,
+                               lambda r: r.share(client.client_id, decoded))
+        return Ack(ok=True, run_state=coordinator.run_state)
+
+    @app.get(f"{API}/secagg/{{round_index}}/inbox")
+    def inbox(round_index: int, client: Client, wait: Wait = 0.0) -> dict[str, Any]:
+        return waited(client, round_index, "mask", wait, lambda r: {"shares": {
+            str(u): b64(ct) for u, ct in r.shares_for(client.client_id).items()}})
+
+    @app.put(f"{API}/secagg/{{round_index}}/masked", response_model=Ack,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/octet-stream": {"schema": {"type": "string",
+                                                         "format": "binary"}}}}})
+    async def masked(round_index: int, request: Request, client: Client) -> Ack:
+        limit = 8 * (coordinator.secure_round.length if coordinator.secure_round else 0)
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise DeployError(413, f"masked input exceeds {limit} bytes")
+        if len(body) % 8:
+            raise DeployError(422, "masked input: length is not a multiple of 8 bytes")
+        vector = np.frombuffer(bytes(body), dtype="<u8").astype(np.uint64)
+        await run_in_threadpool(coordinator.secure_act, client.client_id, round_index,
+                                lambda r: r.mask(client.client_id, vector))
+        return Ack(ok=True, run_state=coordinator.run_state)
+
+    @app.get(f"{API}/secagg/{{round_index}}/unmask")
+    def unmask_request(round_index: int, client: Client, wait: Wait = 0.0) -> dict[str, Any]:
+        def request(r: Any) -> dict[str, Any]:
+            survived, dropped = r.unmask_request(client.client_id)
+            return {"survived": survived, "dropped": dropped}
+        return waited(client, round_index, "unmask", wait, request)
+
+    @app.post(f"{API}/secagg/{{round_index}}/unmask", response_model=Ack)
+    def unmask(round_index: int, body: Unmask, client: Client) -> Ack:
+        answer: dict[int, tuple[str, bytes]] = {}
+        for u, pair in _client_ids(body.shares, "shares").items():
+            if len(pair) != 2 or pair[0] not in ("b", "s"):
+                raise DeployError(422, f"shares[{u}]: expected ['b' or 's', base64 share]")
+            answer[u] = (pair[0], _decoded(unb64, pair[1], f"shares[{u}]"))
+        coordinator.secure_act(client.client_id, round_index,
+                               lambda r: r.unmask(client.client_id, answer))
+        return Ack(ok=True, run_state=coordinator.run_state)
+
+
+def _decoded(unb64: Any, text: str, what: str, size: int | None = None) -> bytes:
+    try:
+        return unb64(text, what, size)
+    except ValueError as exc:
+        raise DeployError(422, str(exc)) from None

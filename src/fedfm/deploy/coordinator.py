@@ -88,6 +88,11 @@ def check_deployable(config: RunConfig) -> None:
         raise ConfigError("invalid config: privacy.client_dp.sampling 'poisson' assumes each "
                           "client joins independently at random, which a coordinator that "
                           "picks among online clients cannot promise; use sampling: fixed")
+    if config.privacy.secure_aggregation is not None and config.privacy.client_dp is not None:
+        raise ConfigError("invalid config: privacy.secure_aggregation with privacy.client_dp "
+                          "(distributed DP noise) runs in simulation only so far; a deployment "
+                          "runs secure aggregation with the mean aggregator, or client_dp with "
+                          "central noise")
     if config.deploy.min_updates > config.federation.sample_size():
         raise ConfigError(f"invalid config: deploy.min_updates={config.deploy.min_updates} "
                           f"exceeds the clients per round ({config.federation.sample_size()})")
@@ -132,6 +137,8 @@ class Coordinator:
         self.stopping = threading.Event()
         self.algorithm: Any = None
         self.workload: Any = None
+        self.secure: Any = None  # NetworkSecureSum when the run uses secure aggregation
+        self.secure_round: Any = None  # the protocol of the round in flight
 
     # ------------------------------------------------------------------ set-up
 
@@ -153,6 +160,7 @@ class Coordinator:
 
         seed_everything(self.config.seed)
         self.algorithm = build_algorithm(self.config)
+        self.secure = _network_secure_sum(self.algorithm)
         self.workload = build_server_workload(self.config, self.algorithm)
         snapshot = LoopSnapshot(round=0, global_state=self.workload.get_state(),
                                 server_state={}, totals={})
@@ -341,6 +349,49 @@ class Coordinator:
                     return None
                 self.changed.wait(timeout=min(remaining, 1.0))
 
+    # ------------------------------------------------------------------ secure aggregation
+
+    def secure_act(self, client_id: int | None, round_index: int, action: Any) -> Any:
+        """Run ``action(secure_round)`` for a client's step message, mapping refusals."""
+        with self.changed:
+            found = self._secure_round(round_index)
+            try:
+                result = action(found)
+            except PermissionError as exc:
+                raise DeployError(403, str(exc)) from None
+            except (LookupError, FileExistsError) as exc:
+                raise DeployError(409, str(exc)) from None
+            except (ValueError, TypeError) as exc:
+                raise DeployError(422, str(exc)) from None
+            self.changed.notify_all()
+            return result
+
+    def secure_wait(self, client_id: int | None, round_index: int, phase: str, wait: float,
+                    action: Any) -> Any:
+        """``action(secure_round)`` once the protocol reaches ``phase`` (None: not yet)."""
+        from fedfm.deploy.secure import PHASES
+
+        until = time.monotonic() + wait
+        with self.changed:
+            while True:
+                found = self._secure_round(round_index)
+                if PHASES.index(found.phase) > PHASES.index(phase):
+                    raise DeployError(409, f"secure aggregation of round {round_index} is past "
+                                           f"step {phase!r} (now {found.phase!r})")
+                if found.phase == phase:
+                    return self.secure_act(client_id, round_index, action)
+                remaining = until - time.monotonic()
+                if remaining <= 0 or self.stopping.is_set():
+                    return None
+                self.changed.wait(timeout=min(remaining, 1.0))
+
+    def _secure_round(self, round_index: int) -> Any:
+        found = self.secure_round
+        if found is None or found.round != round_index:
+            raise DeployError(409, f"no secure aggregation is in progress for round "
+                                   f"{round_index}")
+        return found
+
     def status(self) -> dict[str, Any]:
         deploy = self.config.deploy
         now = time.time()
@@ -377,6 +428,19 @@ class Coordinator:
 
     def online_clients(self) -> list[int]:
         return self.store.training_clients(online_within=self.config.deploy.offline_after_s)
+
+
+def _network_secure_sum(algorithm: Any) -> Any:
+    """Point the secure-mean aggregator at the network protocol (None: no secure agg.)."""
+    from fedfm.deploy.secure import NetworkSecureSum
+    from fedfm.trust.robust.attacks import server_aggregator
+    from fedfm.trust.secagg.aggregation import SecureMean
+
+    aggregator = server_aggregator(algorithm.server)
+    if not isinstance(aggregator, SecureMean):
+        return None
+    aggregator.summer = NetworkSecureSum(aggregator.summer)
+    return aggregator.summer
 
 
 def _check_identity(facts: dict[str, Any], task: TaskRecord) -> None:
@@ -434,6 +498,15 @@ class RemoteRuntime:
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
         self.target = 0
+        # round -> client -> metrics the client measured with the global model it received
+        self.client_eval: dict[int, dict[int, dict[str, float]]] = {}
+
+    def _note_eval(self, round_index: int, client_id: int, metadata: dict[str, Any]) -> None:
+        found = metadata.get("eval")
+        if isinstance(found, dict):
+            self.client_eval.setdefault(round_index, {})[client_id] = {
+                k: float(v) for k, v in found.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)}
 
     # ------------------------------------------------------------------ selection
 
@@ -470,6 +543,9 @@ class RemoteRuntime:
                     round: int) -> Iterator[ClientOutcome]:
         coordinator = self.coordinator
         deadline = coordinator.publish_round(broadcast, client_ids, self.target or len(client_ids))
+        if coordinator.secure is not None:
+            yield from self._run_secure(round, deadline)
+            return
         target = coordinator.store.get_round(round).target  # type: ignore[union-attr]
         yielded: set[str] = set()
         while True:
@@ -493,6 +569,81 @@ class RemoteRuntime:
             coordinator.view.state = "aggregating"
             coordinator.changed.notify_all()
 
+    def _run_secure(self, round_index: int, deadline: float) -> Iterator[ClientOutcome]:
+        """The round's SecAgg+ steps over the network (``fedfm.deploy.secure``): each waits
+        for the clients still in the protocol or its deadline, then closes."""
+        from fedfm.deploy.secure import SecureRound
+
+        coordinator = self.coordinator
+        store = coordinator.store
+        tasks = store.round_tasks(round_index)
+        if any(t.status != OPEN for t in tasks):  # restarted mid-protocol: its state is gone
+            for task in tasks:
+                store.close_task(task.task_id, EXPIRED, "secure aggregation state lost in a "
+                                                        "coordinator restart")
+            for task in store.round_tasks(round_index):
+                yield ClientOutcome(task.client_id, None, status="dropped",
+                                    error="secure aggregation state lost in a coordinator "
+                                          "restart; the round is skipped")
+            return
+        like = coordinator.global_state
+        assert like is not None
+        rng = np.random.default_rng([coordinator.config.seed, round_index, 7])
+        secure = SecureRound(round_index, [t.client_id for t in tasks], coordinator.secure,
+                             sum(v.numel() for v in like.values()) + 1,
+                             int(rng.integers(2**31)))
+        with coordinator.changed:
+            coordinator.secure_round = secure
+            coordinator.changed.notify_all()
+        step_timeout = coordinator.config.deploy.secagg_step_timeout_s
+        for close, until in ((secure.close_advertise, deadline), (secure.close_share, None),
+                             (secure.close_mask, None), (secure.close_unmask, None)):
+            self._wait_step(secure, until or time.time() + step_timeout)
+            with coordinator.changed:
+                close()
+                coordinator.changed.notify_all()
+        coordinator.secure.results[round_index] = secure
+        yield from self._secure_outcomes(secure, tasks)
+
+    def _wait_step(self, secure: Any, until: float) -> None:
+        coordinator = self.coordinator
+        with coordinator.changed:
+            while secure.waiting_for() and time.time() < until:
+                coordinator.wait(min(1.0, max(0.0, until - time.time())))
+
+    def _secure_outcomes(self, secure: Any, tasks: list[TaskRecord]
+                         ) -> Iterator[ClientOutcome]:
+        """Survivors yield a placeholder update (zeros with their real example count and
+        metrics): the server rule takes the sum from the protocol, never from these."""
+        from fedfm.core import state as state_ops
+        from fedfm.core.update import ClientUpdate
+
+        coordinator = self.coordinator
+        survivors = set(secure.survivors())
+        like = coordinator.global_state
+        for task in tasks:
+            if task.client_id not in survivors:
+                step = "key advertisement" if task.client_id not in secure.keys else \
+                    "key sharing" if task.client_id not in secure.outgoing else "masking"
+                coordinator.store.close_task(task.task_id, EXPIRED,
+                                             f"dropped out of secure aggregation at {step}")
+                yield ClientOutcome(task.client_id, None, status="dropped",
+                                    error=f"dropped out of secure aggregation at {step}")
+                continue
+            facts = secure.facts[task.client_id]
+            self._note_eval(task.round, task.client_id, facts["metadata"])
+            path = coordinator.update_path(task)
+            atomic_write_bytes(path, secure.server.masked[task.client_id].tobytes())
+            metrics = {**facts["metrics"], "num_examples": facts["num_examples"]}
+            wall = float(facts["metadata"].get("wall_time", 0.0) or 0.0)
+            coordinator.store.accept_update(task.task_id, path, "", path.stat().st_size, wall,
+                                            metrics)
+            update = ClientUpdate(task.client_id, state_ops.zeros_like(like),
+                                  facts["num_examples"], metrics=dict(facts["metrics"]),
+                                  metadata={**facts["metadata"], "secure_aggregation": True})
+            yield ClientOutcome(task.client_id, update, wall_time=wall,
+                                bytes_up=secure.up.get(task.client_id, 0))
+
     def _finished(self, tasks: list[TaskRecord], yielded: set[str]) -> Iterator[ClientOutcome]:
         for task in tasks:
             if task.status not in FINAL_STATUSES or task.task_id in yielded:
@@ -508,6 +659,7 @@ class RemoteRuntime:
         assert record is not None
         path = Path(record.path)
         update = wire.SpilledUpdate(path, wire.update_facts(path))
+        self._note_eval(task.round, task.client_id, update.metadata)
         return ClientOutcome(task.client_id, update, wall_time=record.wall_time,
                              bytes_up=record.num_bytes)
 
@@ -520,16 +672,7 @@ class RemoteRuntime:
         if coordinator.workload.data.global_validation:
             report = coordinator.workload.evaluate(global_state, per_client=False)
         if per_client:
-            for task in coordinator.store.round_tasks(round):
-                if task.status != ACCEPTED:
-                    continue
-                record = coordinator.store.update_for(task.task_id)
-                if record is None or not Path(record.path).exists():
-                    continue
-                found = wire.update_facts(Path(record.path)).get("metadata", {}).get("eval")
-                if isinstance(found, dict):
-                    report.per_client[task.client_id] = {
-                        k: float(v) for k, v in found.items() if isinstance(v, int | float)}
+            report.per_client = dict(self.client_eval.get(round, {}))
         return report
 
     def close(self) -> None:

@@ -51,6 +51,13 @@ class SecureSum:
         threshold = self.cfg.threshold or max(1, int(np.ceil(0.6 * (degree + 1))))
         return degree, min(threshold, degree + 1)
 
+    def encode(self, state: State, extras: list[float]) -> tuple[np.ndarray, int]:
+        """A client's input in the ring: its State (keys sorted) then its extra scalars; and
+        how many values had to be clipped into range. The same on a client agent."""
+        vector = np.concatenate([_flatten(state, sorted(state)),
+                                 np.asarray(extras, dtype=np.float64)])
+        return self.encoding.encode(vector)
+
     def sum(self, states: dict[int, State], extras: dict[int, list[float]], like: State,
             round_index: int) -> tuple[State, np.ndarray, list[int]]:
         """(sum of the survivors' States, sum of their extras, survivors)."""
@@ -62,9 +69,7 @@ class SecureSum:
                              f"frac_bits")
         encoded, clipped = {}, 0
         for client_id, state in states.items():
-            vector = np.concatenate([_flatten(state, keys),
-                                     np.asarray(extras.get(client_id, []), dtype=np.float64)])
-            encoded[client_id], count = self.encoding.encode(vector)
+            encoded[client_id], count = self.encode(state, extras.get(client_id, []))
             clipped += count
         width = len(next(iter(extras.values()), []))
         if not encoded:
@@ -106,14 +111,17 @@ class SecureMean:
     def aggregate(self, updates: list[ClientUpdate]) -> State:
         return self.aggregate_round(updates, 0)
 
+    def contribution(self, update: ClientUpdate) -> tuple[State, list[float]]:
+        """What a client feeds into the secure sums: ``w * delta`` and ``[w]``."""
+        weight = float(update.num_examples) if self.weighting == "examples" else 1.0
+        return OrderedDict((k, v * weight) for k, v in update.payload.items()), [weight]
+
     def aggregate_round(self, updates: list[ClientUpdate], round_index: int) -> State:
         like = updates[0].payload
-        weights = {u.client_id: float(u.num_examples) if self.weighting == "examples" else 1.0
-                   for u in updates}
-        states = {u.client_id: OrderedDict((k, v * weights[u.client_id])
-                                           for k, v in u.payload.items()) for u in updates}
+        inputs = {u.client_id: self.contribution(u) for u in updates}
         total, extra, survived = self.summer.sum(
-            states, {cid: [w] for cid, w in weights.items()}, like, round_index)
+            {cid: state for cid, (state, _) in inputs.items()},
+            {cid: extras for cid, (_, extras) in inputs.items()}, like, round_index)
         if not survived or extra[0] <= 0:
             raise ValueError("secure aggregation: no client survived the protocol")
         return OrderedDict((k, v / float(extra[0])) for k, v in total.items())
