@@ -13,7 +13,7 @@ from fedfm.core.registry import MethodInfo
 @RUNTIMES.register("remote", MethodInfo(
     "efficiency.systems.runtime",
     "Towards Federated Learning at Scale: System Design (Bonawitz et al., MLSys 2019)",
-    "fedfm server CONFIG --state-dir DIR  # and on each site: fedfm client --server URL",
+    "runtime: {kind: remote, num_threads: 1}  # fedfm server CONFIG; sites: fedfm client",
     "real clients over HTTPS: token auth, TLS, deadlines, over-selection, crash-safe SQLite"))
 def remote_runtime(workload: Any, client_store: Any) -> Any:
     raise ConfigError("runtime.kind 'remote' runs under the coordinator: start it with "
