@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -m "not slow"
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedfm-setup
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,17 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/fedfm run examples/quickstart.yaml
 
-test: setup
+# Debian's chromium for the dashboard test (Playwright drives it; no browser download)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	   >/dev/null) || \
+	  echo "chromium could not be installed: the dashboard test will be skipped"
+
+test: setup chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup chromium
 	$(PY) -m pytest -q
 
 lint: setup
