@@ -440,6 +440,12 @@ def client(
         _fail(exc)
         return
     err.print(f"[green]run finished[/]: {done} tasks done")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is persisted; skip the interpreter's teardown, where a native thread pool
+    # (torch's) sometimes aborts ("terminate called without an active exception", exit -6)
+    # and would hand a supervisor a false failure.
+    os._exit(0)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -73,8 +73,9 @@ class ClientAgentConfig(_Section):
     """CLIENT.yaml: where this organisation's data is and how to reach the coordinator."""
 
     server: str | None = None  # the coordinator URL (--server overrides)
-    # this organisation's data: merged over the run's data section (path is required; column
-    # names, label names, prompt template may be set here too)
+    # this organisation's data, merged over the run's data section (which arrives without the
+    # coordinator's paths): path is required; validation_path, column names, label names,
+    # prompt template may be set here too
     data: dict[str, Any]
     partition: PartitionChoice | None = None
     state_dir: str = "fedfm-client"
@@ -101,9 +102,13 @@ def load_agent_config(path: str | Path) -> ClientAgentConfig:
     except (yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"invalid client config {file}: {exc}") from None
     base = file.resolve().parent
-    data_path = Path(str(config.data["path"]).split("::")[0])
-    if not data_path.is_absolute() and not data_path.exists() and (base / data_path).exists():
-        config.data["path"] = str(base / config.data["path"])
+    for field in ("path", "validation_path"):
+        value = config.data.get(field)
+        if not value:
+            continue
+        data_path = Path(str(value).split("::")[0])
+        if not data_path.is_absolute() and not data_path.exists() and (base / data_path).exists():
+            config.data[field] = str(base / value)
     return config
 
 
@@ -234,6 +239,8 @@ class ClientAgent:
                     break
         finally:
             self._stop.set()
+            beat.join(timeout=self.config.request_timeout_s)
+            self.http.close()
         return self.tasks_done
 
     def stop(self) -> None:

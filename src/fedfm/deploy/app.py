@@ -110,7 +110,7 @@ def authenticated(request: Request, credentials: Annotated[
     record = coordinator.store.authenticate(credentials.credentials)
     if record is None:
         raise DeployError(401, "unknown or revoked token")
-    coordinator.store.touch(record.name)
+    coordinator.seen(record.name)
     return record
 
 
@@ -149,7 +149,8 @@ def create_app(coordinator: Coordinator) -> FastAPI:
         coordinator.store.touch(client.name, {"agent_version": body.agent_version or "",
                                               **body.info})
         config = coordinator.config.model_dump(mode="json")
-        config["data"].pop("path", None)  # the clients' own data replaces it
+        for site_specific in ("path", "validation_path"):  # paths on the coordinator
+            config["data"].pop(site_specific, None)
         assert client.client_id is not None
         return RegisterResponse(name=client.name, client_id=client.client_id,
                                 run_id=coordinator.store.get_meta("config_hash") or "",

@@ -132,6 +132,8 @@ class Coordinator:
         self.started_at = time.time()
         self.global_state: State | None = None
         self._broadcast_bytes: dict[int, tuple[bytes, str]] = {}
+        self._state_bytes: int | None = None  # the State's serialized size (upload limit)
+        self._last_touch: dict[str, float] = {}
         self._thread: threading.Thread | None = None
         self.finished = threading.Event()
         self.stopping = threading.Event()
@@ -236,6 +238,14 @@ class Coordinator:
 
     # ------------------------------------------------------------------ rounds
 
+    def seen(self, name: str) -> None:
+        """Record a request from ``name`` (last seen); at most one database write a second
+        per client, since each commit is an fsync."""
+        now = time.monotonic()
+        if now - self._last_touch.get(name, -1e9) >= 1.0:
+            self._last_touch[name] = now
+            self.store.touch(name)
+
     def notify(self) -> None:
         with self.changed:
             self.changed.notify_all()
@@ -264,10 +274,11 @@ class Coordinator:
     def update_limit(self) -> int:
         if self.config.deploy.max_upload_mb is not None:
             return int(self.config.deploy.max_upload_mb * 2**20)
-        from fedfm.core import state as state_ops
+        if self._state_bytes is None:
+            from fedfm.core import state as state_ops
 
-        state = self.global_state or {}
-        return 4 * state_ops.num_bytes(state) + 2**20
+            self._state_bytes = state_ops.num_bytes(self.global_state or {})
+        return 4 * self._state_bytes + 2**20
 
     # ------------------------------------------------------------------ uploads
 
