@@ -46,7 +46,8 @@ def add_clients(state_dir: Path, count: int) -> list[str]:
 
 
 def agent_config(tmp_path: Path, index: int, of: int, **changes: Any) -> ClientAgentConfig:
-    raw = {"data": {"path": str(DATA / "sst2_train.jsonl")},
+    raw = {"data": {"path": str(DATA / "sst2_train.jsonl"),
+                    "validation_path": str(DATA / "sst2_validation.jsonl")},
            "partition": {"of": of, "index": index},
            "state_dir": str(tmp_path / f"agent{index}"),
            "runtime": {"num_threads": 1}, "max_backoff_s": 0.5, **changes}
@@ -79,10 +80,13 @@ def start_server(config: Path, state_dir: Path, *extra: str, env: dict[str, str]
 
 
 @contextmanager
-def agents_running(url: str, tokens: list[str], tmp_path: Path, **changes: Any
+def agents_running(url: str, tokens: list[str], tmp_path: Path,
+                   per_agent: list[dict[str, Any]] | None = None, **changes: Any
                    ) -> Iterator[list[ClientAgent]]:
-    """Client agents in threads of this process (they retry while the server is down)."""
-    agents = [ClientAgent(url, token, agent_config(tmp_path, i, len(tokens), **changes))
+    """Client agents in threads of this process (they retry while the server is down);
+    ``per_agent`` adds CLIENT.yaml keys to each agent's config."""
+    agents = [ClientAgent(url, token, agent_config(
+        tmp_path, i, len(tokens), **changes, **(per_agent[i] if per_agent else {})))
               for i, token in enumerate(tokens)]
     threads = [threading.Thread(target=_run_quietly, args=(a,), daemon=True) for a in agents]
     for thread in threads:
@@ -176,3 +180,9 @@ def upload(http: Any, token: str, task_id: str, body: bytes, sha: str | None = N
     return http.put(f"/api/v1/tasks/{task_id}/update", content=body, headers={
         **bearer(token), "X-Content-SHA256": sha or hashlib.sha256(body).hexdigest(),
         "Content-Type": "application/octet-stream"})
+
+
+def site_data(raw: dict[str, Any]) -> dict[str, Any]:
+    """A client's CLIENT.yaml data section for a server config: its paths (the coordinator
+    sends the run's data section without them)."""
+    return {key: raw["data"][key] for key in ("path", "validation_path") if raw["data"].get(key)}

@@ -22,6 +22,7 @@ from tests.deploy_util import (
     add_clients,
     agents_running,
     server_config_dict,
+    site_data,
     start_server,
     wait_finished,
     write_config,
@@ -58,7 +59,7 @@ def test_client_processes_reach_the_local_runtime_state(tmp_path: Path) -> None:
         for index, token in enumerate(tokens):
             client_yaml = tmp_path / f"client{index}.yaml"
             client_yaml.write_text(yaml.safe_dump({
-                "data": {"path": raw["data"]["path"]}, "partition": {"of": 3, "index": index},
+                "data": site_data(raw), "partition": {"of": 3, "index": index},
                 "state_dir": str(tmp_path / f"agent{index}"), "runtime": {"num_threads": 1}}))
             clients.append(subprocess.Popen(
                 [sys.executable, "-m", "fedfm.cli", "client", "--server", url, "--config",
@@ -134,7 +135,7 @@ def test_agent_restart_resends_and_no_raw_data_leaves(tmp_path: Path) -> None:
                           on_request=lambda request: bodies.append(request.read()))
     client_yaml = tmp_path / "client1.yaml"
     client_yaml.write_text(yaml.safe_dump({
-        "data": {"path": raw["data"]["path"]}, "partition": {"of": 2, "index": 1},
+        "data": site_data(raw), "partition": {"of": 2, "index": 1},
         "state_dir": str(tmp_path / "agent1"), "runtime": {"num_threads": 1}}))
     command = [sys.executable, "-m", "fedfm.cli", "client", "--server", url, "--config",
                str(client_yaml)]
@@ -176,3 +177,37 @@ def test_agent_restart_resends_and_no_raw_data_leaves(tmp_path: Path) -> None:
         assert set(facts) == {"client_id", "round", "task_id", "num_examples", "metrics",
                               "metadata"}
         assert set(facts["metadata"]) <= {"eval", "wall_time"}
+
+
+def test_https_with_mutual_tls_and_gen_certs(tmp_path: Path) -> None:
+    """`fedfm server gen-certs` material serves the API over HTTPS with client certificates
+    required: agents with a certificate finish the run, a request without one is refused."""
+    import httpx
+    from fedfm.deploy.certs import generate_certificates
+
+    certs = generate_certificates(tmp_path / "certs", clients=["site0", "site1"])
+    raw = server_config_dict(tmp_path, federation={"num_clients": 2, "clients_per_round": 2,
+                                                   "rounds": 1})
+    config_path = write_config(tmp_path, raw)
+    state_dir = tmp_path / "state"
+    tokens = add_clients(state_dir, 2)
+    server, url = start_server(config_path, state_dir, "--tls-cert", str(certs.server_cert),
+                               "--tls-key", str(certs.server_key), "--tls-client-ca",
+                               str(certs.ca_cert))
+    assert url.startswith("https://")
+    url = url.replace("127.0.0.1", "localhost")
+    try:
+        with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+            httpx.get(f"{url}/api/v1/health", verify=str(certs.ca_cert), timeout=10).json()
+        cert, key = certs.client_certs["site0"]
+        health = httpx.get(f"{url}/api/v1/health", verify=str(certs.ca_cert),
+                           cert=(str(cert), str(key)), timeout=10)
+        assert health.status_code == 200
+        per_site = [{"ca_cert": str(certs.ca_cert), "client_cert": str(certs.client_certs[n][0]),
+                     "client_key": str(certs.client_certs[n][1])} for n in ("site0", "site1")]
+        with agents_running(url, tokens, tmp_path, per_agent=per_site) as agents:
+            assert wait_finished(server, 180) == 0
+        assert all(agent.tasks_done == 1 for agent in agents)
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -18,6 +18,7 @@ from tests.deploy_util import (
     add_clients,
     agents_running,
     server_config_dict,
+    site_data,
     start_server,
     wait_finished,
     write_config,
@@ -66,7 +67,7 @@ def test_a_client_vanishing_after_key_sharing_is_recovered(tmp_path: Path) -> No
     server, url = start_server(config_path, state_dir)
     client_yaml = tmp_path / "client2.yaml"
     client_yaml.write_text(yaml.safe_dump({
-        "data": {"path": raw["data"]["path"]}, "partition": {"of": 3, "index": 2},
+        "data": site_data(raw), "partition": {"of": 3, "index": 2},
         "state_dir": str(tmp_path / "agent2"), "runtime": {"num_threads": 1}}))
     vanishing = subprocess.Popen(
         [sys.executable, "-m", "fedfm.cli", "client", "--server", url, "--config",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
@@ -76,7 +75,7 @@ class UploadAck(BaseModel):
 
 
 class UpdateFacts(BaseModel):
-    num_examples: int = Field(gt=0)
+    num_examples: int = Field(gt=0, le=2**53)
     metrics: dict[str, float] = Field(default_factory=dict, max_length=256)
     metadata: dict[str, Any] = Field(default_factory=dict, max_length=64)
 
@@ -268,9 +267,15 @@ def _secure_routes(app: FastAPI, coordinator: Coordinator) -> None:
     from fedfm.deploy.secure import KEY_BYTES, b64, unb64
 
     def finite(facts: UpdateFacts) -> dict[str, Any]:
-        if not all(math.isfinite(v) for v in facts.metrics.values()):
-            raise DeployError(422, "facts.metrics: values must be finite")
-        return facts.model_dump()
+        from fedfm.deploy.wire import WireError, check_metadata, check_scalars
+
+        found = facts.model_dump()
+        try:
+            check_scalars(found["metrics"], "facts.metrics")
+            check_metadata(found["metadata"])
+        except WireError as exc:
+            raise DeployError(422, str(exc)) from None
+        return found
 
     def waited(client: ClientRecord, round_index: int, phase: str, wait: float,
                action: Any) -> dict[str, Any]:

@@ -130,6 +130,7 @@ class Coordinator:
         self.run_state = "starting"
         self.error: str | None = None
         self.started_at = time.time()
+        self.finished_at: float | None = None
         self.global_state: State | None = None
         self._broadcast_bytes: dict[int, tuple[bytes, str]] = {}
         self._state_bytes: int | None = None  # the State's serialized size (upload limit)
@@ -232,6 +233,8 @@ class Coordinator:
     def _set_state(self, state: str) -> None:
         with self.changed:
             self.run_state = state
+            if state in ("finished", "failed", "stopped"):
+                self.finished_at = time.time()
             if state == "finished":
                 self.view.state = "done"
             self.changed.notify_all()
@@ -418,18 +421,20 @@ class Coordinator:
                 continue
             online = record.last_seen is not None and now - record.last_seen <= \
                 deploy.offline_after_s
-            last_round, metrics = latest.get(record.client_id or -1, (None, {}))
+            client_id = -1 if record.client_id is None else record.client_id
+            last_round, metrics = latest.get(client_id, (None, {}))
             clients.append({
                 "name": record.name, "id": record.client_id,
                 "status": "revoked" if record.revoked else ("online" if online else "offline"),
                 "last_seen": record.last_seen,
-                "rounds_completed": completed.get(record.client_id or -1, 0),
+                "rounds_completed": completed.get(client_id, 0),
                 "last_round": last_round, "metrics": metrics})
         return {
             "run": {"name": self.config.name, "state": self.run_state,
                     "rounds": self.config.federation.rounds,
                     "algorithm": self.config.algorithm.name, "model": self.config.model.name,
-                    "started_at": self.started_at, "error": self.error},
+                    "started_at": self.started_at, "finished_at": self.finished_at,
+                    "error": self.error},
             "round": {"index": self.view.index, "state": self.view.state,
                       "deadline": self.view.deadline, "selected": self.view.selected,
                       "received": received, "target": self.view.target},

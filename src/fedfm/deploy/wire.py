@@ -33,6 +33,7 @@ SEP = "::"
 UPDATE_META = "fedfm.update"
 MAX_HEADER_BYTES = 16 * 2**20
 MAX_AUX_STATES = 16
+MAX_EXAMPLES = 2**53  # an example count beyond this would be exact neither in float64 nor fair
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -96,7 +97,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                             f"file or the {MAX_HEADER_BYTES}-byte limit")
         try:
             header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise WireError(f"upload: safetensors header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise WireError("upload: safetensors header is not a JSON object")
@@ -146,7 +147,7 @@ def _facts(metadata: Mapping[str, str]) -> dict[str, Any]:
         raise WireError(f"upload: metadata {UPDATE_META!r} is missing")
     try:
         facts = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise WireError(f"upload: metadata {UPDATE_META!r} is not JSON ({exc})") from None
     if not isinstance(facts, dict):
         raise WireError(f"upload: metadata {UPDATE_META!r} is not an object")
@@ -154,18 +155,47 @@ def _facts(metadata: Mapping[str, str]) -> dict[str, Any]:
         value = facts.get(name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise WireError(f"upload: {name} must be an integer, got {value!r}")
-    if facts["num_examples"] <= 0:
-        raise WireError(f"upload: num_examples must be positive, got {facts['num_examples']}")
-    metrics = facts.get("metrics", {})
-    if not isinstance(metrics, dict) or not all(
-            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
-            and math.isfinite(v) for k, v in metrics.items()):
-        raise WireError("upload: metrics must map names to finite numbers")
-    if not isinstance(facts.get("metadata", {}), dict):
-        raise WireError("upload: metadata must be an object")
+    if not 0 < facts["num_examples"] <= MAX_EXAMPLES:
+        raise WireError(f"upload: num_examples must be in 1..{MAX_EXAMPLES}, got "
+                        f"{str(facts['num_examples'])[:40]}")
+    check_scalars(facts.get("metrics", {}), "metrics")
+    check_metadata(facts.get("metadata", {}))
     if not isinstance(facts.get("task_id"), str):
         raise WireError("upload: task_id must be a string")
     return facts
+
+
+def check_scalars(values: Any, what: str) -> None:
+    """``values`` maps names to finite numbers (huge integers included: they overflow)."""
+    if not isinstance(values, dict):
+        raise WireError(f"upload: {what} must map names to finite numbers")
+    for key, value in values.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(
+                value, int | float) or not _finite(value):
+            raise WireError(f"upload: {what}[{key!r}] must be a finite number, got "
+                            f"{str(value)[:40]!r}")
+
+
+def check_metadata(metadata: Any) -> None:
+    """The update's metadata: an object; ``wall_time`` (if any) a finite number >= 0, ``eval``
+    (if any) names -> finite numbers."""
+    if not isinstance(metadata, dict):
+        raise WireError("upload: metadata must be an object")
+    if "wall_time" in metadata:
+        wall = metadata["wall_time"]
+        if isinstance(wall, bool) or not isinstance(wall, int | float) or not _finite(wall) \
+                or wall < 0:
+            raise WireError(f"upload: metadata.wall_time must be a finite number >= 0, got "
+                            f"{str(wall)[:40]!r}")
+    if "eval" in metadata:
+        check_scalars(metadata["eval"], "metadata.eval")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def check_header(path: Path, expected: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -196,7 +226,12 @@ def load_update(path: Path) -> ClientUpdate:
     facts = _facts(metadata)
     payload_keys, aux_keys = _split_keys(header)
     tensors = _load_tensors(path)
-    order = json.loads(metadata.get("fedfm.key_order", "[]"))
+    try:
+        order = json.loads(metadata.get("fedfm.key_order", "[]"))
+    except (json.JSONDecodeError, RecursionError):
+        order = None
+    if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+        raise WireError("upload: metadata fedfm.key_order must be a JSON list of tensor names")
     payload_order = [k.partition(SEP)[2] for k in order if k.startswith(f"payload{SEP}")]
     if sorted(payload_order) != sorted(payload_keys):
         payload_order = list(payload_keys)
