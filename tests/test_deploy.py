@@ -182,7 +182,10 @@ def test_agent_restart_resends_and_no_raw_data_leaves(tmp_path: Path) -> None:
 def test_https_with_mutual_tls_and_gen_certs(tmp_path: Path) -> None:
     """`fedfm server gen-certs` material serves the API over HTTPS with client certificates
     required: agents with a certificate finish the run, a request without one is refused."""
+    import ssl
+
     import httpx
+
     from fedfm.deploy.certs import generate_certificates
 
     certs = generate_certificates(tmp_path / "certs", clients=["site0", "site1"])
@@ -197,11 +200,12 @@ def test_https_with_mutual_tls_and_gen_certs(tmp_path: Path) -> None:
     assert url.startswith("https://")
     url = url.replace("127.0.0.1", "localhost")
     try:
+        trust_only = ssl.create_default_context(cafile=str(certs.ca_cert))
         with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
-            httpx.get(f"{url}/api/v1/health", verify=str(certs.ca_cert), timeout=10).json()
-        cert, key = certs.client_certs["site0"]
-        health = httpx.get(f"{url}/api/v1/health", verify=str(certs.ca_cert),
-                           cert=(str(cert), str(key)), timeout=10)
+            httpx.get(f"{url}/api/v1/health", verify=trust_only, timeout=10).json()
+        with_cert = ssl.create_default_context(cafile=str(certs.ca_cert))
+        with_cert.load_cert_chain(*map(str, certs.client_certs["site0"]))
+        health = httpx.get(f"{url}/api/v1/health", verify=with_cert, timeout=10)
         assert health.status_code == 200
         per_site = [{"ca_cert": str(certs.ca_cert), "client_cert": str(certs.client_certs[n][0]),
                      "client_key": str(certs.client_certs[n][1])} for n in ("site0", "site1")]

@@ -30,7 +30,7 @@ def secure_config(tmp_path: Path, rounds: int) -> dict:
     return server_config_dict(tmp_path, federation={"num_clients": 3, "clients_per_round": 3,
                                                     "rounds": rounds},
                               privacy={"secure_aggregation": {}},
-                              deploy={"secagg_step_timeout_s": 20.0})
+                              deploy={"secagg_step_timeout_s": 6.0})
 
 
 def records(state_dir: Path) -> list[dict]:

@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -122,10 +123,8 @@ class ClientAgent:
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        verify: Any = config.ca_cert if config.ca_cert else True
-        cert = (config.client_cert, config.client_key) if config.client_cert else None
         hooks = {"request": [on_request]} if on_request is not None else {}
-        self.http = httpx.Client(base_url=self.server, verify=verify, cert=cert,
+        self.http = httpx.Client(base_url=self.server, verify=tls_context(config),
                                  headers={"Authorization": f"Bearer {token}"},
                                  timeout=config.request_timeout_s, transport=transport,
                                  event_hooks=hooks)
@@ -357,6 +356,20 @@ class ClientAgent:
                 store_ops.flatten(client_state)))
         atomic_write_bytes(pending, wire.update_to_bytes(update, round_index=int(task["round"]),
                                                          task_id=task["task_id"]))
+
+
+def tls_context(config: ClientAgentConfig) -> ssl.SSLContext:
+    """Trust ``ca_cert`` (else the system's CAs); present ``client_cert`` for mutual TLS."""
+    for field in ("ca_cert", "client_cert", "client_key"):
+        value = getattr(config, field)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"client config {field}: {value} does not exist")
+    if (config.client_cert is None) != (config.client_key is None):
+        raise ConfigError("client config: client_cert and client_key go together")
+    context = ssl.create_default_context(cafile=config.ca_cert)
+    if config.client_cert is not None:
+        context.load_cert_chain(config.client_cert, config.client_key)
+    return context
 
 
 def _detail(response: httpx.Response) -> str:
