@@ -214,3 +214,36 @@ def test_mean_of_spilled_updates_reads_each_file_once(tmp_path: Path,
     median = CoordinateMedian().aggregate_robust(None, plain, 1)
     in_memory = CoordinateMedian().aggregate_robust(None, [u for u, _ in updates], 1)
     assert state_ops.max_abs_diff(median, in_memory) == 0.0
+
+
+def test_agent_skips_a_task_whose_round_closed_and_stops_on_a_revoked_token(
+        tmp_path: Path) -> None:
+    """A 409 on the State download (round closed) or a State that twice fails its SHA-256
+    skips that task only; a 401 ends the agent with a clear error."""
+    import hashlib
+
+    import httpx
+
+    from fedfm.deploy.agent import AgentError, ClientAgent
+    from tests.deploy_util import agent_config
+
+    seen: list[str] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path.endswith("/t-closed/state"):
+            return httpx.Response(409, json={"detail": "round 3 is closed"})
+        if request.url.path.endswith("/t-corrupt/state"):
+            return httpx.Response(200, content=b"not the promised bytes")
+        return httpx.Response(401, json={"detail": "token revoked"})
+
+    agent = ClientAgent("http://coordinator", "token", agent_config(tmp_path, 0, 1),
+                        transport=httpx.MockTransport(reply))
+    task = {"task_id": "t-closed", "client_id": 0, "round": 3, "protocol": "plain",
+            "state_sha256": hashlib.sha256(b"x").hexdigest()}
+    agent._do_task(task)
+    agent._do_task({**task, "task_id": "t-corrupt"})
+    assert (agent.skipped, agent.tasks_done) == (2, 0)
+    assert seen.count("/api/v1/tasks/t-corrupt/state") == 2
+    with pytest.raises(AgentError, match="token revoked"):
+        agent._do_task({**task, "task_id": "t-gone"})

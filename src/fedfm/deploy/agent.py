@@ -55,6 +55,11 @@ class AgentError(RuntimeError):
     """The agent cannot go on (token refused, bad config, the run rejected us)."""
 
 
+class TaskSkipped(RuntimeError):
+    """This one task cannot be done (its round closed, its State arrived corrupt); the agent
+    logs it and polls for the next one."""
+
+
 class PartitionChoice(_Section):
     """Take partition ``index`` of ``of`` of ``data``, exactly as a simulation with
     ``federation.num_clients: of`` and the run's seed and partition would (demos, benchmarks,
@@ -136,6 +141,7 @@ class ClientAgent:
         self.run_config: RunConfig | None = None
         self.tasks_done = 0
         self.resent = 0  # updates computed before a restart and sent after it
+        self.skipped = 0  # tasks given up (round closed before we could fetch its State)
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ HTTP with retries
@@ -252,6 +258,13 @@ class ClientAgent:
                 self.http.post(f"{API}/heartbeat")
 
     def _do_task(self, task: dict[str, Any]) -> None:
+        try:
+            self._attempt_task(task)
+        except TaskSkipped as exc:
+            self.skipped += 1
+            log.warning("task %s skipped: %s", task.get("task_id"), exc)
+
+    def _attempt_task(self, task: dict[str, Any]) -> None:
         if task.get("protocol") == "secagg":
             self._do_secure_task(task)
             return
@@ -314,13 +327,24 @@ class ClientAgent:
         return None
 
     def _download(self, task: dict[str, Any]) -> Broadcast:
-        response = self._request("GET", f"/tasks/{task['task_id']}/state")
-        _expect_ok(response, "download the global State")
-        body = response.content
-        if hashlib.sha256(body).hexdigest() != task["state_sha256"]:
-            raise AgentError(f"task {task['task_id']}: the downloaded State does not match its "
-                             f"SHA-256")
-        return wire.broadcast_from_bytes(body)
+        """The task's broadcast, checked against its SHA-256 (fetched again once on a
+        mismatch); TaskSkipped when the coordinator no longer serves it."""
+        for _ in range(2):
+            response = self._request("GET", f"/tasks/{task['task_id']}/state")
+            if response.status_code != 200:
+                raise TaskSkipped(f"download the global State: HTTP {response.status_code}: "
+                                  f"{_detail(response)}")
+            body = response.content
+            if hashlib.sha256(body).hexdigest() == task["state_sha256"]:
+                break
+            log.warning("task %s: the downloaded State does not match its SHA-256",
+                        task["task_id"])
+        else:
+            raise TaskSkipped("the downloaded State twice failed its SHA-256 check")
+        try:
+            return wire.broadcast_from_bytes(body)
+        except wire.WireError as exc:
+            raise TaskSkipped(f"the global State is unreadable: {exc}") from exc
 
     def _compute(self, task: dict[str, Any]) -> tuple[Any, Any]:
         """Download the broadcast, measure it on our validation split, train: (update, new
