@@ -45,6 +45,10 @@ def test_each_config_snippet_enables_its_method(entry) -> None:
     if entry.registry == "privacy mechanism":
         assert config["privacy"][entry.name] is not None
         return
+    if entry.registry == "compressor":
+        kinds = [step["kind"] for step in config["algorithm"]["compression"]["chain"]]
+        assert entry.name in kinds
+        return
     if entry.name == "secure_mean":  # chosen by privacy.secure_aggregation
         assert config["privacy"]["secure_aggregation"] is not None
         return

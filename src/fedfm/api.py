@@ -75,6 +75,7 @@ class RunResult:
 def _register_components() -> None:
     """Importing these packages fills the registries."""
     import fedfm.algorithms  # noqa: F401
+    import fedfm.efficiency  # noqa: F401
     import fedfm.runtime  # noqa: F401
     import fedfm.trust  # noqa: F401
 
@@ -104,6 +105,28 @@ def check_components(config: RunConfig) -> None:
                               f"(available: {', '.join(registry.names())})")
     _check_secure_aggregation(config)
     _check_attack(config)
+    _check_compression(config)
+
+
+def _check_compression(config: RunConfig) -> None:
+    """Compression changes each update after the client is done with it: that breaks what
+    DP-FedAvg's clipping and secure aggregation's field sums rely on."""
+    if config.algorithm.compression is None:
+        return
+    from fedfm.efficiency.compression import build_chain
+
+    try:
+        build_chain(config.algorithm.compression.chain)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: algorithm.compression: {exc}") from None
+    if config.privacy.client_dp is not None:
+        raise ConfigError("invalid config: algorithm.compression cannot be combined with "
+                          "privacy.client_dp: compressing a clipped update changes its norm, so "
+                          "the clip norm would no longer bound each client's sensitivity")
+    if config.privacy.secure_aggregation is not None:
+        raise ConfigError("invalid config: algorithm.compression cannot be combined with "
+                          "privacy.secure_aggregation: the masked sum is taken over dense "
+                          "field elements, so compressed codes cannot be summed under masks")
 
 
 def _check_attack(config: RunConfig) -> None:
@@ -170,6 +193,10 @@ def build_algorithm(config: RunConfig) -> Algorithm:
     algorithm = factory(config.algorithm, config.federation.num_clients)
     if config.privacy.dp_sgd is not None:  # inside: it replaces the local training
         algorithm = PRIVACY.get("dp_sgd")(algorithm, config)
+    if config.algorithm.compression is not None:  # after training: post-processing of DP-SGD
+        from fedfm.efficiency.compression import compress_algorithm
+
+        algorithm = compress_algorithm(algorithm, config.algorithm.compression)
     if config.privacy.client_dp is not None:
         algorithm = PRIVACY.get("client_dp")(algorithm, config)
     if config.privacy.secure_aggregation is not None:

@@ -71,6 +71,7 @@ class CatalogueEntry:
 def registries() -> list[Registry[Any]]:
     """Every registry whose components the catalogue lists (filled by importing fedfm)."""
     import fedfm.algorithms  # noqa: F401  (registers algorithms, server optimizers, ...)
+    import fedfm.efficiency  # noqa: F401  (registers compressors)
     import fedfm.models  # noqa: F401  (registers adapters)
     import fedfm.runtime  # noqa: F401  (registers runtimes)
     import fedfm.trust  # noqa: F401  (registers privacy mechanisms, secure aggregation)
@@ -79,6 +80,7 @@ def registries() -> list[Registry[Any]]:
         AGGREGATORS,
         ALGORITHMS,
         ATTACKS,
+        COMPRESSORS,
         POISONING,
         PRIVACY,
         RUNTIMES,
@@ -86,8 +88,8 @@ def registries() -> list[Registry[Any]]:
     )
     from fedfm.data.partition import PARTITIONERS
 
-    return [ADAPTERS, ALGORITHMS, SERVER_OPTIMIZERS, AGGREGATORS, PARTITIONERS, PRIVACY,
-            ATTACKS, POISONING, RUNTIMES]
+    return [ADAPTERS, ALGORITHMS, SERVER_OPTIMIZERS, AGGREGATORS, COMPRESSORS, PARTITIONERS,
+            PRIVACY, ATTACKS, POISONING, RUNTIMES]
 
 
 class CatalogueError(RuntimeError):

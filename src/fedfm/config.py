@@ -238,6 +238,48 @@ class RobustAggregationConfig(_Section):
     root_rows: int = Field(default=100, ge=1)  # FLTrust: server root data (validation rows)
 
 
+CompressorKind = Literal["quantize", "qsgd", "topk", "randk"]
+
+
+class CompressorConfig(_Section):
+    """One lossy step of ``algorithm.compression.chain`` (``fedfm.efficiency.compression``).
+
+    ``quantize``: affine min-max quantization to ``bits`` (8, 4 or 2) with ``rounding``
+    nearest (biased, error <= step / 2) or stochastic (unbiased); ``qsgd``: QSGD's unbiased
+    sign + magnitude levels scaled by the L2 norm; one scale per tensor, or per ``block_size``
+    values. ``topk`` keeps the ``fraction`` of largest-magnitude entries of each tensor (values +
+    indices); ``randk`` keeps a random ``fraction`` (values + one seed: the server regenerates
+    the indices), scaled by ``1 / fraction`` when ``unbiased``."""
+
+    kind: CompressorKind
+    bits: Literal[2, 4, 8] = 8
+    rounding: Literal["nearest", "stochastic"] = "nearest"
+    block_size: int | None = Field(default=None, ge=2)
+    fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    unbiased: bool = False
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> CompressorConfig:
+        sparse = self.kind in ("topk", "randk")
+        if sparse and self.fraction is None:
+            raise ValueError(f"{self.kind} needs fraction (the share of entries kept, in (0, 1])")
+        if not sparse and self.fraction is not None:
+            raise ValueError(f"fraction applies to topk and randk, not {self.kind}")
+        if self.unbiased and self.kind != "randk":
+            raise ValueError("unbiased applies to randk (qsgd and quantize with rounding: "
+                             "stochastic are unbiased by construction)")
+        return self
+
+
+class CompressionConfig(_Section):
+    """Client-side encoding of the update, server-side decoding (``chain`` runs in order: a
+    sparsifier first, then a quantizer of its kept values); ``error_feedback`` keeps each
+    client's compression error and adds it to its next update."""
+
+    chain: list[CompressorConfig] = Field(min_length=1)
+    error_feedback: bool = False
+
+
 class AlgorithmConfig(_Section):
     """How clients learn: the client procedure and the server rule, found by name."""
 
@@ -248,6 +290,7 @@ class AlgorithmConfig(_Section):
     robust: RobustAggregationConfig = Field(default_factory=RobustAggregationConfig)
     local: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
+    compression: CompressionConfig | None = None  # None: updates travel as dense tensors
 
     @model_validator(mode="after")
     def _scaffold_needs_sgd(self) -> AlgorithmConfig:

@@ -89,7 +89,10 @@ class Runtime(Protocol):
     Optional: ``select_clients(round, selection) -> list[int]`` replaces the loop's seeded
     selection (the ``remote`` runtime picks among clients that are online and over-selects);
     ``folds_updates = True`` asks the loop to fold each accepted update into a running sum as
-    it arrives (updates that live on disk are then read once)."""
+    it arrives (updates that live on disk are then read once).
+
+    A server rule may have ``decode_update(update, global_state) -> ClientUpdate`` (compressed
+    uploads); the loop calls it before validating an update, and a ValueError rejects it."""
 
     def run_clients(self, client_ids: list[int], broadcast: Broadcast,
                     round: int) -> Iterator[ClientOutcome]: ...
@@ -253,6 +256,9 @@ class RoundLoop:
         if outcome.status != "ok" or outcome.update is None:
             return outcome
         try:
+            decode = getattr(self.server, "decode_update", None)  # e.g. compressed uploads
+            if decode is not None:
+                outcome.update = decode(outcome.update, global_state)
             validate_update(outcome.update, global_state)
             check = getattr(self.server, "check_update", None)
             if check is not None:

@@ -29,3 +29,6 @@ POISONING: Registry[Any] = Registry("poisoning attack")
 
 RUNTIMES: Registry[Any] = Registry("runtime")
 """name -> factory ``(workload, config, client_store) -> core.loop.Runtime``."""
+
+COMPRESSORS: Registry[Any] = Registry("compressor")
+"""name -> factory ``(CompressorConfig) -> efficiency.compression.Compressor``."""

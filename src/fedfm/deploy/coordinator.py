@@ -93,6 +93,10 @@ def check_deployable(config: RunConfig) -> None:
                           "(distributed DP noise) runs in simulation only so far; a deployment "
                           "runs secure aggregation with the mean aggregator, or client_dp with "
                           "central noise")
+    if config.algorithm.compression is not None:
+        raise ConfigError("invalid config: algorithm.compression runs in simulation only so "
+                          "far; the deployment's wire format carries dense updates (remove "
+                          "algorithm.compression)")
     if config.deploy.min_updates > config.federation.sample_size():
         raise ConfigError(f"invalid config: deploy.min_updates={config.deploy.min_updates} "
                           f"exceeds the clients per round ({config.federation.sample_size()})")

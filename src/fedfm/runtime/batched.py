@@ -59,6 +59,8 @@ def unsupported_reason(workload: Workload) -> str | None:
     config = workload.config
     if config.adapter.kind != "lora":
         return f"adapter.kind {config.adapter.kind!r} (batched needs lora)"
+    if config.algorithm.compression is not None:
+        return "algorithm.compression wraps the client half (its encoding runs per client)"
     if not isinstance(workload.client, DeltaClient):
         return f"algorithm {config.algorithm.name!r} has no batched client half"
     task = workload.bundle.task
