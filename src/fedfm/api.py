@@ -106,6 +106,45 @@ def check_components(config: RunConfig) -> None:
     _check_secure_aggregation(config)
     _check_attack(config)
     _check_compression(config)
+    _check_lora_algorithm(config)
+
+
+def _check_lora_algorithm(config: RunConfig) -> None:
+    """The LoRA-aware algorithms need LoRA, and the ones whose uploads are rank slices (or A
+    alone) need a server that pads them back before anything else reads them."""
+    from fedfm.efficiency.lora import LORA_ALGORITHMS, SLICED_UPLOADS
+
+    name = config.algorithm.name
+    if name not in LORA_ALGORITHMS:
+        return
+    if config.adapter.kind != "lora":
+        raise ConfigError(f"invalid config: algorithm {name!r} aggregates LoRA factors; "
+                          f"adapter.kind is {config.adapter.kind!r} (use lora)")
+    if name in ("flora", "flexlora", "hetlora") and config.algorithm.aggregator != "mean":
+        raise ConfigError(f"invalid config: algorithm {name!r} combines the clients' factors "
+                          f"by its own rule; algorithm.aggregator "
+                          f"{config.algorithm.aggregator!r} would be ignored (use 'mean')")
+    optimizer = config.algorithm.server_optimizer
+    if name == "flora" and (optimizer.name != "sgd" or optimizer.lr != 1.0):
+        raise ConfigError("invalid config: algorithm 'flora' merges each round's aggregate "
+                          "into the base and starts from a fresh LoRA; a server optimizer "
+                          "would step the fresh factors (use server_optimizer sgd with lr 1)")
+    if name not in SLICED_UPLOADS:
+        return
+    what = ("uploads each client's rank slice" if name != "fedsa_lora"
+            else "uploads A without the local B")
+    for enabled, option, why in (
+            (config.algorithm.compression is not None, "algorithm.compression",
+             "the compressed layout follows the global State's shapes"),
+            (config.privacy.client_dp is not None, "privacy.client_dp",
+             "clipping and noise apply to dense updates of the global State's shape"),
+            (config.privacy.secure_aggregation is not None, "privacy.secure_aggregation",
+             "masked sums need every client's update in the global State's shape"),
+            (config.robustness.attack is not None, "robustness.attack",
+             "the simulated attackers forge updates in the global State's shape")):
+        if enabled:
+            raise ConfigError(f"invalid config: algorithm {name!r} {what}, which cannot be "
+                              f"combined with {option}: {why}")
 
 
 def _check_compression(config: RunConfig) -> None:
@@ -244,6 +283,7 @@ def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
         label_names, num_labels = load_label_info(config.data)
     bundle = load_model(config.model, seed=config.seed, num_labels=num_labels)
     bundle = apply_adapter(bundle, config.adapter, seed=config.seed)
+    freeze_parameters(bundle.model, algorithm.info.get("frozen_parameters"))
     bundle.model.to(device)
     data = build_federated_data(config.data, num_clients=config.federation.num_clients,
                                 tokenizer=bundle.tokenizer, task=bundle.task,
@@ -261,7 +301,20 @@ def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
                         device=device, autocast_dtype=autocast_dtype, loss_fn=loss_fn,
                         speed=speed, backdoor_eval=backdoor_eval)
     _bind_root_data(algorithm, workload)
+    bind = getattr(algorithm.server, "bind_workload", None)  # e.g. FLoRA merges into the base
+    if bind is not None:
+        bind(workload)
     return workload
+
+
+def freeze_parameters(model: torch.nn.Module, marker: str | None) -> None:
+    """An algorithm that keeps some adapter parameters at their initialisation (FFA-LoRA's A):
+    they stop training, and so leave the communicated State."""
+    if marker is None:
+        return
+    for name, param in model.named_parameters():
+        if marker in name:
+            param.requires_grad_(False)
 
 
 def poison_data(config: RunConfig, data: Any, bundle: Any) -> list[dict[str, Any]] | None:

@@ -280,6 +280,40 @@ class CompressionConfig(_Section):
     error_feedback: bool = False
 
 
+class RankTier(_Section):
+    rank: int = Field(ge=1)
+    fraction: float = Field(gt=0.0, le=1.0)
+
+
+class LoraAlgorithmConfig(_Section):
+    """Options of the LoRA-aware algorithms (``fedfm.efficiency.lora``). Per-client ranks for
+    hetlora, flexlora and flora: ``ranks`` (one per client) or capability ``tiers`` (the first
+    ``fraction`` of client ids get the first tier's rank, and so on; ids are already shuffled by
+    the partition); none: every client trains ``adapter.r``."""
+
+    ranks: list[int] | None = None
+    tiers: list[RankTier] | None = None
+    # HetLoRA: rank self-pruning keeps the leading gamma share of a client's rank and regularises
+    # the rest with weight prune_lambda; the rank shrinks when the tail's norm stops growing
+    prune_gamma: float = Field(default=0.9, gt=0.0, lt=1.0)
+    prune_lambda: float = Field(default=1e-3, ge=0.0)
+    self_prune: bool = True
+    # HetLoRA: weight each client by the Frobenius norm of its B A (sparsity-weighted)
+    norm_weighting: bool = True
+
+    @model_validator(mode="after")
+    def _one_rank_rule(self) -> LoraAlgorithmConfig:
+        if self.ranks is not None and self.tiers is not None:
+            raise ValueError("set ranks or tiers, not both")
+        if self.ranks is not None and (not self.ranks or min(self.ranks) < 1):
+            raise ValueError("ranks must be a non-empty list of positive integers")
+        if self.tiers is not None:
+            total = sum(tier.fraction for tier in self.tiers)
+            if not self.tiers or abs(total - 1.0) > 1e-6:
+                raise ValueError(f"tiers' fractions must add up to 1 (they add up to {total:g})")
+        return self
+
+
 class AlgorithmConfig(_Section):
     """How clients learn: the client procedure and the server rule, found by name."""
 
@@ -291,6 +325,7 @@ class AlgorithmConfig(_Section):
     local: LocalTrainingConfig = Field(default_factory=LocalTrainingConfig)
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
     compression: CompressionConfig | None = None  # None: updates travel as dense tensors
+    lora: LoraAlgorithmConfig = Field(default_factory=LoraAlgorithmConfig)
 
     @model_validator(mode="after")
     def _scaffold_needs_sgd(self) -> AlgorithmConfig:
@@ -573,11 +608,29 @@ class RunConfig(_Section):
             raise ValueError("privacy.secure_aggregation cannot be combined with algorithm "
                              "scaffold: secure aggregation releases only sums of the updates, "
                              "and scaffold's control-variate updates would travel in the clear")
+        self._check_lora_ranks()
         if dp is not None and dp.noise == "distributed" and dp.sampling != "fixed":
             raise ValueError("privacy.client_dp.noise: 'distributed' needs sampling: 'fixed' "
                              "(each client's noise share is sized by the known number of "
                              "clients per round)")
         return self
+
+    def _check_lora_ranks(self) -> None:
+        lora = self.algorithm.lora
+        if lora.ranks is None and lora.tiers is None:
+            return
+        where = "algorithm.lora.ranks" if lora.ranks is not None else "algorithm.lora.tiers"
+        if self.algorithm.name not in ("hetlora", "flexlora", "flora"):
+            raise ValueError(f"{where} gives clients different LoRA ranks, which only hetlora, "
+                             f"flexlora and flora aggregate (algorithm.name is "
+                             f"{self.algorithm.name!r})")
+        if lora.ranks is not None and len(lora.ranks) != self.federation.num_clients:
+            raise ValueError(f"algorithm.lora.ranks has {len(lora.ranks)} entries for "
+                             f"{self.federation.num_clients} clients (one per client)")
+        ranks = lora.ranks or [tier.rank for tier in lora.tiers or []]
+        if max(ranks) > self.adapter.r:
+            raise ValueError(f"{where}: rank {max(ranks)} exceeds adapter.r={self.adapter.r}, "
+                             f"the largest rank the global adapter holds")
 
     def config_hash(self) -> str:
         """sha256 over the canonical JSON of the config (what `summary.json` records)."""

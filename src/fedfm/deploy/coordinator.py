@@ -93,6 +93,10 @@ def check_deployable(config: RunConfig) -> None:
                           "(distributed DP noise) runs in simulation only so far; a deployment "
                           "runs secure aggregation with the mean aggregator, or client_dp with "
                           "central noise")
+    if config.algorithm.name in ("flora", "flexlora", "fedsa_lora", "hetlora"):
+        raise ConfigError(f"invalid config: algorithm {config.algorithm.name!r} runs in "
+                          f"simulation only so far: its uploads are rank slices (or A alone) "
+                          f"and the deployment's wire format carries the global State's shapes")
     if config.algorithm.compression is not None:
         raise ConfigError("invalid config: algorithm.compression runs in simulation only so "
                           "far; the deployment's wire format carries dense updates (remove "
@@ -704,7 +708,7 @@ def build_server_workload(config: RunConfig, algorithm: Any) -> Any:
     ``data.validation_path`` when that file is on the coordinator, else none."""
     import torch
 
-    from fedfm.api import _bind_root_data
+    from fedfm.api import _bind_root_data, freeze_parameters
     from fedfm.data import FederatedData, build_federated_data, load_label_info
     from fedfm.models import apply_adapter, load_model
     from fedfm.runtime.workload import Workload, resolve_device
@@ -721,6 +725,7 @@ def build_server_workload(config: RunConfig, algorithm: Any) -> Any:
         label_names, num_labels = load_label_info(source)
     bundle = load_model(config.model, seed=config.seed, num_labels=num_labels)
     bundle = apply_adapter(bundle, config.adapter, seed=config.seed)
+    freeze_parameters(bundle.model, algorithm.info.get("frozen_parameters"))
     bundle.model.to(device)
     validation: list[dict[str, Any]] = []
     if has_validation:

@@ -49,6 +49,7 @@ from fedfm.models.loader import ModelBundle, seeded
 
 PEFT_KINDS = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
 SELECTIVE_KINDS = ("bitfit", "layernorm", "last_layers", "head", "full")
+LORA_A, LORA_B = ".lora_A.", ".lora_B."  # in peft's parameter names
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
@@ -82,6 +83,13 @@ _CONV1D_FAMILIES = ("gpt2",)  # fused Conv1D projections: weights stored (in, ou
 
 class AdapterError(ValueError):
     """An adapter kind cannot be applied to this model; the message names both."""
+
+
+def lora_pairs(keys: list[str]) -> list[tuple[str, str]]:
+    """(A key, B key) of every LoRA layer whose both factors are in ``keys``."""
+    present = set(keys)
+    return [(key, key.replace(LORA_A, LORA_B)) for key in keys
+            if LORA_A in key and key.replace(LORA_A, LORA_B) in present]
 
 
 def apply_adapter(bundle: ModelBundle, cfg: AdapterConfig, *, seed: int = 0) -> ModelBundle:

@@ -52,7 +52,10 @@ class LocalRuntime:
                                 client_state=result.client_state)
 
     def evaluate(self, global_state: State, *, round: int, per_client: bool) -> EvalReport:
-        return self.workload.evaluate(global_state, per_client=per_client)
+        personalize = getattr(self.workload.client, "personal_state", None)
+        personal = None if personalize is None else (
+            lambda client_id: personalize(global_state, self.client_store.get(client_id)))
+        return self.workload.evaluate(global_state, per_client=per_client, personal=personal)
 
     def close(self) -> None:
         return None

@@ -7,7 +7,7 @@ actor) and runs many clients through it by swapping the small communicated ``Sta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -75,9 +75,11 @@ class Workload:
     def set_state(self, state: Mapping[str, torch.Tensor]) -> None:
         set_state(self.model, state)
 
-    def evaluate(self, global_state: State, *, per_client: bool) -> EvalReport:
+    def evaluate(self, global_state: State, *, per_client: bool,
+                 personal: Callable[[int], State] | None = None) -> EvalReport:
         """Global metrics on the global validation set; per-client metrics on each client's
-        own validation split, all with the global model."""
+        own validation split, with the global model, or with ``personal(client_id)`` when the
+        algorithm keeps part of each client's model local (FedSA-LoRA's B)."""
         self.set_state(global_state)
         eval_cfg = self.config.eval
         examples = self.data.global_validation
@@ -91,8 +93,12 @@ class Workload:
         if per_client:
             for client in self.data.clients:
                 if client.validation:
+                    if personal is not None:
+                        self.set_state(personal(client.client_id))
                     report.per_client[client.client_id] = self._evaluate_set(
                         client.validation, eval_cfg)
+            if personal is not None:
+                self.set_state(global_state)
         return report
 
     def evaluate_examples(self, state: Mapping[str, torch.Tensor],

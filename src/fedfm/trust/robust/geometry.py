@@ -25,20 +25,7 @@ import torch
 
 from fedfm.core.state import State, flatten, unflatten
 from fedfm.core.update import ClientUpdate
-
-LORA_A, LORA_B = ".lora_A.", ".lora_B."
-
-
-def lora_pairs(keys: list[str]) -> list[tuple[str, str]]:
-    """(A key, B key) of every LoRA layer whose both factors are in ``keys``."""
-    present = set(keys)
-    pairs = []
-    for key in keys:
-        if LORA_A in key:
-            partner = key.replace(LORA_A, LORA_B)
-            if partner in present:
-                pairs.append((key, partner))
-    return pairs
+from fedfm.models.adapters import lora_pairs
 
 
 @dataclass
