@@ -107,6 +107,23 @@ def check_components(config: RunConfig) -> None:
     _check_attack(config)
     _check_compression(config)
     _check_lora_algorithm(config)
+    _check_fedkseed(config)
+
+
+def _check_fedkseed(config: RunConfig) -> None:
+    """FedKSeed uploads (seed index, scalar) pairs that the server replays into a delta."""
+    if config.algorithm.name != "fedkseed":
+        return
+    for enabled, option, why in (
+            (config.algorithm.compression is not None, "algorithm.compression",
+             "its upload is already a few kilobytes of (seed index, scalar) pairs"),
+            (config.privacy.client_dp is not None, "privacy.client_dp",
+             "clipping applies to dense updates, and the server only sees the replayed one"),
+            (config.privacy.secure_aggregation is not None, "privacy.secure_aggregation",
+             "masked sums need dense updates; the pairs must be replayed in the clear")):
+        if enabled:
+            raise ConfigError(f"invalid config: algorithm 'fedkseed' cannot be combined with "
+                              f"{option}: {why}")
 
 
 def _check_lora_algorithm(config: RunConfig) -> None:

@@ -314,6 +314,20 @@ class LoraAlgorithmConfig(_Section):
         return self
 
 
+class ZerothOrderConfig(_Section):
+    """Zeroth-order local training (``fedfm.efficiency.zeroth_order``): two forward passes per
+    step at ``theta +- eps z`` estimate the directional derivative along a Gaussian ``z``; the
+    step is ``-lr g z`` (``algorithm.local``'s lr, steps or epochs, batch size). FedKSeed draws
+    ``z`` from a shared pool of ``num_seeds`` seeds (made from ``pool_seed``) and uploads only
+    (seed index, g) pairs; FedZO averages ``directions`` fresh directions per step and uploads
+    the model delta."""
+
+    eps: float = Field(default=1e-3, gt=0.0)
+    num_seeds: int = Field(default=4096, ge=1)
+    pool_seed: int = 0
+    directions: int = Field(default=1, ge=1)
+
+
 class AlgorithmConfig(_Section):
     """How clients learn: the client procedure and the server rule, found by name."""
 
@@ -326,6 +340,18 @@ class AlgorithmConfig(_Section):
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
     compression: CompressionConfig | None = None  # None: updates travel as dense tensors
     lora: LoraAlgorithmConfig = Field(default_factory=LoraAlgorithmConfig)
+    zo: ZerothOrderConfig = Field(default_factory=ZerothOrderConfig)
+
+    @model_validator(mode="after")
+    def _zeroth_order_is_plain_sgd(self) -> AlgorithmConfig:
+        if self.name in ("fedkseed", "fedzo") and (
+                self.local.optimizer != "sgd" or self.local.momentum != 0
+                or self.local.grad_accum != 1):
+            raise ValueError(
+                f"{self.name} takes plain zeroth-order SGD steps: set algorithm.local.optimizer "
+                f"'sgd' with momentum 0 and grad_accum 1 (its update -lr g z is what the "
+                f"server replays)")
+        return self
 
     @model_validator(mode="after")
     def _scaffold_needs_sgd(self) -> AlgorithmConfig:

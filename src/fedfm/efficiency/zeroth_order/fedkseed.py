@@ -1,0 +1,165 @@
+"""FedKSeed: federated full-parameter tuning with a few kilobytes per client per round.
+
+Qin, Chen, Yao, Ding, Li, Gao & Deng, "Federated Full-Parameter Tuning of Billion-Sized Language
+Models with Communication Cost under 18 Kilobytes", ICML 2024. The server and every client share a
+pool of ``K`` seeds. Each local step draws one seed ``s_j`` from the pool, estimates the
+directional derivative along ``z(s_j)`` with two forward passes (``g = (L(theta + eps z) - L(theta
+- eps z)) / 2 eps``, as MeZO) and moves ``theta <- theta - lr g z``. The client uploads only its
+``(j, g)`` pairs, 6 bytes a step (an int16 index for pools up to 32768 seeds); the server checks
+them and replays ``-lr sum_t g_t z(s_t)`` for each client (``decode_update``), so everything after
+it (the mean, FedOpt server optimizers) sees an ordinary dense delta. The trainable State is
+whatever the adapter makes trainable (``adapter.kind: full`` for the paper's full-parameter tuning;
+LoRA, BitFit, ... work too).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from fedfm.algorithms.fedavg import build_delta_server
+from fedfm.algorithms.local_train import (
+    batch_indices,
+    num_optimizer_steps,
+    trainable_parameters,
+    training_examples,
+)
+from fedfm.config import AlgorithmConfig, LocalTrainingConfig, ZerothOrderConfig
+from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
+from fedfm.core.loop import derive_seed
+from fedfm.core.registries import ALGORITHMS
+from fedfm.core.registry import MethodInfo
+from fedfm.core.state import State
+from fedfm.core.update import Broadcast, ClientUpdate
+from fedfm.efficiency.zeroth_order.common import (
+    add_direction,
+    dense_step,
+    device_batch,
+    loss_function,
+    two_point,
+)
+
+SEED_INDEX, PROJECTED_GRAD = "seed_index", "projected_grad"
+_POOL_STREAM = 17
+
+
+def seed_pool(cfg: ZerothOrderConfig) -> list[int]:
+    """The ``K`` shared seeds, the same on every client and the server."""
+    generator = torch.Generator().manual_seed(derive_seed(cfg.pool_seed, _POOL_STREAM))
+    return torch.randint(2**62, (cfg.num_seeds,), generator=generator).tolist()
+
+
+class FedKSeedClient:
+    def __init__(self, local: LocalTrainingConfig, zo: ZerothOrderConfig) -> None:
+        self.local = local
+        self.zo = zo
+        self.pool = seed_pool(zo)
+
+    def run(self, ctx: ClientContext, broadcast: Broadcast) -> ClientResult:
+        if not ctx.train_examples:
+            raise ValueError(f"client {ctx.client_id} has no training examples")
+        examples = training_examples(ctx, self.local)
+        steps = num_optimizer_steps(self.local, len(examples))
+        generator = torch.Generator().manual_seed(ctx.seed)
+        named = trainable_parameters(ctx.model)
+        loss_of = loss_function(ctx)
+        ctx.model.eval()  # both passes of a step must see the same function (no dropout)
+        chosen, grads, losses = [], [], []
+        for rows in batch_indices(len(examples), self.local.batch_size, steps, generator):
+            index = int(torch.randint(len(self.pool), (1,), generator=generator))
+            batch = device_batch(ctx, [examples[i] for i in rows])
+            grad, loss = two_point(ctx, named, batch, self.pool[index], self.zo.eps, loss_of)
+            add_direction(named, self.pool[index], -self.local.lr * grad)
+            chosen.append(index)
+            grads.append(grad)
+            losses.append(loss)
+        indices = torch.tensor(chosen, dtype=index_dtype(len(self.pool)))
+        payload = OrderedDict([(SEED_INDEX, indices),
+                               (PROJECTED_GRAD, torch.tensor(grads, dtype=torch.float32))])
+        metrics = {"train_loss": sum(losses) / len(losses), "steps": float(len(chosen)),
+                   "forward_passes": float(2 * len(chosen))}
+        return ClientResult(ClientUpdate(ctx.client_id, payload, len(ctx.train_examples),
+                                         metrics))
+
+
+class FedKSeedServer:
+    """Checks each upload of (seed index, scalar) pairs and replays it as a dense delta;
+    aggregation and the server optimizer are FedAvg's / FedOpt's."""
+
+    def __init__(self, inner: object, local: LocalTrainingConfig,
+                 zo: ZerothOrderConfig) -> None:
+        self.inner = inner
+        self.local = local
+        self.pool = seed_pool(zo)
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("inner", "local", "pool"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def decode_update(self, update: ClientUpdate, global_state: State) -> ClientUpdate:
+        indices, grads = check_pairs(update.payload, len(self.pool))
+        steps = [(self.pool[int(i)], float(g)) for i, g in zip(indices, grads, strict=True)]
+        delta = dense_step(global_state, steps, self.local.lr)
+        payload = OrderedDict((k, delta[k].to(v.dtype)) for k, v in global_state.items())
+        return ClientUpdate(update.client_id, payload, update.num_examples,
+                            dict(update.metrics), dict(update.aux),
+                            {**update.metadata, "zo_steps": len(steps)})
+
+    def broadcast_extras(self, global_state: State) -> dict[str, State]:
+        return self.inner.broadcast_extras(global_state)  # type: ignore[attr-defined]
+
+    def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
+        return self.inner.aggregate(global_state, updates, round)  # type: ignore[attr-defined]
+
+    def state_dict(self) -> dict[str, State]:
+        return self.inner.state_dict()  # type: ignore[attr-defined]
+
+    def load_state_dict(self, states: dict[str, State]) -> None:
+        self.inner.load_state_dict(states)  # type: ignore[attr-defined]
+
+
+def index_dtype(pool_size: int) -> torch.dtype:
+    """The narrowest integer type that holds every seed index (2 bytes for K <= 32768)."""
+    return torch.int16 if pool_size <= 2**15 else torch.int32
+
+
+MAX_STEPS = 1_000_000  # a client claiming more local steps than this is refused
+
+
+def check_pairs(payload: dict[str, torch.Tensor], pool_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upload's (seed indices, projected gradients), or a ValueError naming the problem."""
+    if set(payload) != {SEED_INDEX, PROJECTED_GRAD}:
+        raise ValueError(f"fedkseed upload: expected tensors {SEED_INDEX!r} and "
+                         f"{PROJECTED_GRAD!r}, got {sorted(payload)[:4]}")
+    indices, grads = payload[SEED_INDEX], payload[PROJECTED_GRAD]
+    if indices.dtype != index_dtype(pool_size) or grads.dtype != torch.float32:
+        raise ValueError(f"fedkseed upload: {SEED_INDEX} must be {index_dtype(pool_size)} and "
+                         f"{PROJECTED_GRAD} float32 (got {indices.dtype}, {grads.dtype})")
+    if indices.dim() != 1 or indices.shape != grads.shape or not 1 <= indices.numel() <= MAX_STEPS:
+        raise ValueError(f"fedkseed upload: {SEED_INDEX} and {PROJECTED_GRAD} must be 1-D of "
+                         f"the same length 1..{MAX_STEPS} (got {tuple(indices.shape)}, "
+                         f"{tuple(grads.shape)})")
+    if int(indices.min()) < 0 or int(indices.max()) >= pool_size:
+        raise ValueError(f"fedkseed upload: a seed index outside the pool of {pool_size}")
+    if not bool(torch.isfinite(grads).all()):
+        raise ValueError(f"fedkseed upload: {PROJECTED_GRAD} holds non-finite values")
+    return indices, grads
+
+
+@ALGORITHMS.register("fedkseed", MethodInfo(
+    "efficiency.zeroth_order",
+    "Federated Full-Parameter Tuning of Billion-Sized Language Models with Communication Cost "
+    "under 18 Kilobytes (Qin et al., ICML 2024)",
+    "algorithm: {name: fedkseed, zo: {num_seeds: 4096, eps: 0.001}, local: {optimizer: sgd, "
+    "lr: 1.0e-5, steps: 200}}",
+    "zeroth-order steps along seeded directions from a shared pool; uploads (seed, scalar) "
+    "pairs"))
+def build_fedkseed(cfg: AlgorithmConfig, num_clients: int) -> Algorithm:
+    return Algorithm(name="fedkseed", client=FedKSeedClient(cfg.local, cfg.zo),
+                     server=FedKSeedServer(build_delta_server(cfg), cfg.local, cfg.zo),
+                     info={"num_seeds": cfg.zo.num_seeds, "eps": cfg.zo.eps})
+
+
