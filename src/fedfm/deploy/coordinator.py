@@ -96,7 +96,8 @@ def check_deployable(config: RunConfig) -> None:
     if config.algorithm.name in ("flora", "flexlora", "fedsa_lora", "hetlora", "fedkseed"):
         raise ConfigError(f"invalid config: algorithm {config.algorithm.name!r} runs in "
                           f"simulation only so far: its uploads are rank slices, A alone "
-                          f"or (seed, scalar) pairs, and the deployment's wire format carries the global State's shapes")
+                          f"or (seed, scalar) pairs, and the deployment's wire format carries "
+                          f"the global State's shapes")
     if config.algorithm.compression is not None:
         raise ConfigError("invalid config: algorithm.compression runs in simulation only so "
                           "far; the deployment's wire format carries dense updates (remove "
