@@ -3,7 +3,6 @@ client's own steps, FedKSeed's upload is a few kilobytes on W1, no backward pass
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from fedfm.core import state as state_ops
 from fedfm.core.client_store import MemoryClientStore
 from fedfm.core.update import Broadcast, ClientUpdate
 from fedfm.efficiency.zeroth_order.common import dense_step, directions, two_point
-from fedfm.efficiency.zeroth_order.fedkseed import check_pairs
+from fedfm.efficiency.zeroth_order.fedkseed import check_pairs, encode_pairs
 from fedfm.runtime.local import LocalRuntime
 from tests.conftest import lm_config_dict
 
@@ -87,19 +86,21 @@ def test_fedkseed_uploads_under_20_kb_per_client_per_round_on_w1(tmp_path: Path)
     assert dense / per_client > 50
 
 
-@pytest.mark.parametrize("corrupt,message", [
-    (lambda p: p.__setitem__("seed_index", p["seed_index"].clone().fill_(32)), "outside"),
-    (lambda p: p["projected_grad"].__setitem__(0, float("inf")), "non-finite"),
-    (lambda p: p.__setitem__("seed_index", p["seed_index"].long()), "must be torch.int16"),
-    (lambda p: p.__setitem__("projected_grad", p["projected_grad"][:-1]), "same length"),
-    (lambda p: p.__setitem__("extra", torch.zeros(1)), "expected tensors"),
+def pairs(indices: list[int], grads: list[float]) -> dict[str, torch.Tensor]:
+    return encode_pairs(torch.tensor(indices, dtype=torch.int16), torch.tensor(grads))
+
+
+@pytest.mark.parametrize("payload,message", [
+    (pairs([0, 32], [0.1, 0.2]), "outside the pool of 32"),
+    (pairs([0, 5], [0.1, float("inf")]), "not finite"),
+    ({"pairs": pairs([0, 5], [0.1, 0.2])["pairs"][:-1]}, "11 bytes is not"),
+    ({"pairs": torch.zeros(12)}, "one 1-D uint8 tensor"),
+    ({**pairs([1], [1.0]), "extra": torch.zeros(1)}, "one 1-D uint8 tensor"),
+    ({"pairs": torch.zeros(0, dtype=torch.uint8)}, "0 bytes is not"),
 ])
-def test_hostile_seed_pairs_are_refused(corrupt, message: str) -> None:
-    payload: dict[str, torch.Tensor] = OrderedDict(
-        seed_index=torch.tensor([0, 5, 31], dtype=torch.int16),
-        projected_grad=torch.tensor([0.1, -2.0, 3.0]))
-    check_pairs(payload, 32)
-    corrupt(payload)
+def test_hostile_seed_pairs_are_refused(payload: dict, message: str) -> None:
+    indices, grads = check_pairs(pairs([0, 5, 31], [0.1, -2.0, 3.0]), 32)
+    assert indices.tolist() == [0, 5, 31] and grads.tolist() == pytest.approx([0.1, -2.0, 3.0])
     with pytest.raises(ValueError, match=message):
         check_pairs(payload, 32)
 
@@ -107,8 +108,7 @@ def test_hostile_seed_pairs_are_refused(corrupt, message: str) -> None:
 def test_a_bad_upload_is_rejected_and_the_round_goes_on(tmp_path: Path) -> None:
     _, algo, workload = build(tmp_path, "fedkseed", zo={"num_seeds": 16})
     start = workload.get_state()
-    bad = ClientUpdate(0, OrderedDict(seed_index=torch.tensor([99], dtype=torch.int16),
-                                      projected_grad=torch.tensor([1.0])), num_examples=3)
+    bad = ClientUpdate(0, pairs([99], [1.0]), num_examples=3)
     with pytest.raises(ValueError, match="outside the pool of 16"):
         algo.server.decode_update(bad, start)
 

@@ -110,20 +110,29 @@ def check_components(config: RunConfig) -> None:
     _check_fedkseed(config)
 
 
+def _refuse_combinations(config: RunConfig, subject: str, reasons: dict[str, str]) -> None:
+    """A ConfigError for the first enabled option of ``reasons`` (option path -> why
+    ``subject`` cannot be combined with it)."""
+    enabled = {"algorithm.compression": config.algorithm.compression is not None,
+               "privacy.client_dp": config.privacy.client_dp is not None,
+               "privacy.secure_aggregation": config.privacy.secure_aggregation is not None,
+               "robustness.attack": config.robustness.attack is not None}
+    for option, why in reasons.items():
+        if enabled[option]:
+            raise ConfigError(f"invalid config: {subject}, which cannot be combined with "
+                              f"{option}: {why}")
+
+
 def _check_fedkseed(config: RunConfig) -> None:
     """FedKSeed uploads (seed index, scalar) pairs that the server replays into a delta."""
     if config.algorithm.name != "fedkseed":
         return
-    for enabled, option, why in (
-            (config.algorithm.compression is not None, "algorithm.compression",
-             "its upload is already a few kilobytes of (seed index, scalar) pairs"),
-            (config.privacy.client_dp is not None, "privacy.client_dp",
-             "clipping applies to dense updates, and the server only sees the replayed one"),
-            (config.privacy.secure_aggregation is not None, "privacy.secure_aggregation",
-             "masked sums need dense updates; the pairs must be replayed in the clear")):
-        if enabled:
-            raise ConfigError(f"invalid config: algorithm 'fedkseed' cannot be combined with "
-                              f"{option}: {why}")
+    _refuse_combinations(config, "algorithm 'fedkseed' uploads (seed index, scalar) pairs", {
+        "algorithm.compression": "its upload is already a few kilobytes",
+        "privacy.client_dp": "clipping applies to dense updates, and the server only sees the "
+                             "replayed one",
+        "privacy.secure_aggregation": "masked sums need dense updates; the pairs must be "
+                                      "replayed in the clear"})
 
 
 def _check_lora_algorithm(config: RunConfig) -> None:
@@ -150,18 +159,14 @@ def _check_lora_algorithm(config: RunConfig) -> None:
         return
     what = ("uploads each client's rank slice" if name != "fedsa_lora"
             else "uploads A without the local B")
-    for enabled, option, why in (
-            (config.algorithm.compression is not None, "algorithm.compression",
-             "the compressed layout follows the global State's shapes"),
-            (config.privacy.client_dp is not None, "privacy.client_dp",
-             "clipping and noise apply to dense updates of the global State's shape"),
-            (config.privacy.secure_aggregation is not None, "privacy.secure_aggregation",
-             "masked sums need every client's update in the global State's shape"),
-            (config.robustness.attack is not None, "robustness.attack",
-             "the simulated attackers forge updates in the global State's shape")):
-        if enabled:
-            raise ConfigError(f"invalid config: algorithm {name!r} {what}, which cannot be "
-                              f"combined with {option}: {why}")
+    _refuse_combinations(config, f"algorithm {name!r} {what}", {
+        "algorithm.compression": "the compressed layout follows the global State's shapes",
+        "privacy.client_dp": "clipping and noise apply to dense updates of the global State's "
+                             "shape",
+        "privacy.secure_aggregation": "masked sums need every client's update in the global "
+                                      "State's shape",
+        "robustness.attack": "the simulated attackers forge updates in the global State's "
+                             "shape"})
 
 
 def _check_compression(config: RunConfig) -> None:
@@ -175,14 +180,11 @@ def _check_compression(config: RunConfig) -> None:
         build_chain(config.algorithm.compression.chain)
     except ValueError as exc:
         raise ConfigError(f"invalid config: algorithm.compression: {exc}") from None
-    if config.privacy.client_dp is not None:
-        raise ConfigError("invalid config: algorithm.compression cannot be combined with "
-                          "privacy.client_dp: compressing a clipped update changes its norm, so "
-                          "the clip norm would no longer bound each client's sensitivity")
-    if config.privacy.secure_aggregation is not None:
-        raise ConfigError("invalid config: algorithm.compression cannot be combined with "
-                          "privacy.secure_aggregation: the masked sum is taken over dense "
-                          "field elements, so compressed codes cannot be summed under masks")
+    _refuse_combinations(config, "algorithm.compression changes each update on the client", {
+        "privacy.client_dp": "compressing a clipped update changes its norm, so the clip norm "
+                             "would no longer bound each client's sensitivity",
+        "privacy.secure_aggregation": "the masked sum is taken over dense field elements, so "
+                                      "compressed codes cannot be summed under masks"})
 
 
 def _check_attack(config: RunConfig) -> None:

@@ -25,7 +25,13 @@ from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import ClientUpdate
 from fedfm.efficiency.lora.common import global_rank, lowrank_svd
-from fedfm.efficiency.lora.ranked import RankedClient, RankedServer, ranks_of, weighted_sum
+from fedfm.efficiency.lora.ranked import (
+    RankedClient,
+    RankedServer,
+    ranks_of,
+    stack_factors,
+    weighted_sum,
+)
 
 
 def svd_factors(left: torch.Tensor, right: torch.Tensor, rank: int
@@ -54,10 +60,7 @@ class FlexLoRAServer(RankedServer):
         target = weighted_sum(factors, weights, [k for k in global_state if k not in lora_keys])
         energies = []
         for key_a, key_b in pairs:
-            left = torch.cat([w * f[key_b][:, :r].to(torch.float64)
-                              for f, w, r in zip(factors, weights, ranks, strict=True)], dim=1)
-            right = torch.cat([f[key_a][:r].to(torch.float64)
-                               for f, r in zip(factors, ranks, strict=True)], dim=0)
+            left, right = stack_factors(factors, weights, ranks, key_a, key_b)
             b, a, energy = svd_factors(left, right, global_rank(global_state, pairs))
             target[key_a] = a.to(global_state[key_a].dtype)
             target[key_b] = b.to(global_state[key_b].dtype)

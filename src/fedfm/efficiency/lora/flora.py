@@ -33,23 +33,19 @@ from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import ClientUpdate
 from fedfm.efficiency.lora.common import LORA_A, full_factors, require_lora
-from fedfm.efficiency.lora.ranked import RankedClient, RankedServer, ranks_of, weighted_sum
+from fedfm.efficiency.lora.ranked import (
+    RankedClient,
+    RankedServer,
+    ranks_of,
+    stack_factors,
+    weighted_sum,
+)
 
 STACK_KEY = "flora.stack"
 MERGED_PREFIX = "flora.merged."
 _REINIT_STREAM = 13
 
 Merge = Callable[[str, torch.Tensor], None]  # (A key, dense change of B A) -> base updated
-
-
-def stack_factors(factors: list[State], weights: list[float], ranks: list[int], key_a: str,
-                  key_b: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` stacked so that ``B A = sum_i p_i B_i A_i`` (each client's ``r_i`` slice)."""
-    b = torch.cat([w * f[key_b][:, :r].to(torch.float64)
-                   for f, w, r in zip(factors, weights, ranks, strict=True)], dim=1)
-    a = torch.cat([f[key_a][:r].to(torch.float64) for f, r in zip(factors, ranks, strict=True)],
-                  dim=0)
-    return b, a
 
 
 def fresh_factors(like: State, pairs: list[tuple[str, str]], seed: int) -> State:
@@ -99,7 +95,7 @@ class FLoRAServer(RankedServer):
         self.stack = OrderedDict()
         for key_a, key_b in pairs:
             b, a = stack_factors(factors, weights, ranks, key_a, key_b)
-            change = self.scaling[key_a] * (b @ a)
+            change = (self.scaling[key_a] * (b @ a)).to(torch.float32)
             self.merge(key_a, change)
             self.merged[key_a] = self.merged.get(key_a, torch.zeros_like(change)) + change
             self.stack[key_a], self.stack[key_b] = a.float(), b.float()

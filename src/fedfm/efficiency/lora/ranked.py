@@ -117,5 +117,15 @@ def weighted_sum(states: list[State], weights: list[float], keys: list[str]) -> 
     return out
 
 
+def stack_factors(factors: list[State], weights: list[float], ranks: list[int], key_a: str,
+                  key_b: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` stacked so that ``B A = sum_i p_i B_i A_i`` (each client's ``r_i`` slice)."""
+    b = torch.cat([w * f[key_b][:, :r].to(torch.float64)
+                   for f, w, r in zip(factors, weights, ranks, strict=True)], dim=1)
+    a = torch.cat([f[key_a][:r].to(torch.float64) for f, r in zip(factors, ranks, strict=True)],
+                  dim=0)
+    return b, a
+
+
 def ranks_of(updates: list[ClientUpdate]) -> list[int]:
     return [int(u.metadata["rank"]) for u in updates]

@@ -8,11 +8,13 @@ backward pass, so memory stays near inference.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fedfm.config import LocalTrainingConfig
 from fedfm.core.algorithm import ClientContext
 from fedfm.core.state import State
 
@@ -82,3 +84,35 @@ def device_batch(ctx: ClientContext, rows: list[dict[str, Any]]) -> dict[str, to
     if ctx.device.type == "cpu":
         return batch
     return {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass
+class ZerothOrderRun:
+    """What a client's zeroth-order round works with: its trainable tensors, the loss, its
+    seeded generator and its batches (one per step, as local training would draw them)."""
+
+    named: Named
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    generator: torch.Generator
+    batches: Iterator[dict[str, torch.Tensor]]
+    steps: int
+
+
+def start_run(ctx: ClientContext, local: LocalTrainingConfig) -> ZerothOrderRun:
+    from fedfm.algorithms.local_train import (
+        batch_indices,
+        num_optimizer_steps,
+        trainable_parameters,
+        training_examples,
+    )
+
+    if not ctx.train_examples:
+        raise ValueError(f"client {ctx.client_id} has no training examples")
+    examples = training_examples(ctx, local)
+    steps = num_optimizer_steps(local, len(examples))
+    generator = torch.Generator().manual_seed(ctx.seed)
+    ctx.model.eval()  # both passes of a step must see the same function (no dropout)
+    rows = batch_indices(len(examples), local.batch_size, steps, generator)
+    batches = (device_batch(ctx, [examples[i] for i in chunk]) for chunk in rows)
+    return ZerothOrderRun(trainable_parameters(ctx.model), loss_function(ctx), generator,
+                          batches, steps)

@@ -19,12 +19,6 @@ from collections import OrderedDict
 import torch
 
 from fedfm.algorithms.fedavg import build_delta_server
-from fedfm.algorithms.local_train import (
-    batch_indices,
-    num_optimizer_steps,
-    trainable_parameters,
-    training_examples,
-)
 from fedfm.config import AlgorithmConfig, LocalTrainingConfig, ZerothOrderConfig
 from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
 from fedfm.core.loop import derive_seed
@@ -32,15 +26,9 @@ from fedfm.core.registries import ALGORITHMS
 from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast, ClientUpdate
-from fedfm.efficiency.zeroth_order.common import (
-    add_direction,
-    dense_step,
-    device_batch,
-    loss_function,
-    two_point,
-)
+from fedfm.efficiency.zeroth_order.common import add_direction, dense_step, start_run, two_point
 
-SEED_INDEX, PROJECTED_GRAD = "seed_index", "projected_grad"
+PAIRS = "pairs"  # the upload: one uint8 tensor, all seed indices then all projected gradients
 _POOL_STREAM = 17
 
 
@@ -57,26 +45,18 @@ class FedKSeedClient:
         self.pool = seed_pool(zo)
 
     def run(self, ctx: ClientContext, broadcast: Broadcast) -> ClientResult:
-        if not ctx.train_examples:
-            raise ValueError(f"client {ctx.client_id} has no training examples")
-        examples = training_examples(ctx, self.local)
-        steps = num_optimizer_steps(self.local, len(examples))
-        generator = torch.Generator().manual_seed(ctx.seed)
-        named = trainable_parameters(ctx.model)
-        loss_of = loss_function(ctx)
-        ctx.model.eval()  # both passes of a step must see the same function (no dropout)
+        run = start_run(ctx, self.local)
         chosen, grads, losses = [], [], []
-        for rows in batch_indices(len(examples), self.local.batch_size, steps, generator):
-            index = int(torch.randint(len(self.pool), (1,), generator=generator))
-            batch = device_batch(ctx, [examples[i] for i in rows])
-            grad, loss = two_point(ctx, named, batch, self.pool[index], self.zo.eps, loss_of)
-            add_direction(named, self.pool[index], -self.local.lr * grad)
+        for batch in run.batches:
+            index = int(torch.randint(len(self.pool), (1,), generator=run.generator))
+            seed = self.pool[index]
+            grad, loss = two_point(ctx, run.named, batch, seed, self.zo.eps, run.loss_of)
+            add_direction(run.named, seed, -self.local.lr * grad)
             chosen.append(index)
             grads.append(grad)
             losses.append(loss)
-        indices = torch.tensor(chosen, dtype=index_dtype(len(self.pool)))
-        payload = OrderedDict([(SEED_INDEX, indices),
-                               (PROJECTED_GRAD, torch.tensor(grads, dtype=torch.float32))])
+        payload = encode_pairs(torch.tensor(chosen, dtype=index_dtype(len(self.pool))),
+                               torch.tensor(grads, dtype=torch.float32))
         metrics = {"train_loss": sum(losses) / len(losses), "steps": float(len(chosen)),
                    "forward_passes": float(2 * len(chosen))}
         return ClientResult(ClientUpdate(ctx.client_id, payload, len(ctx.train_examples),
@@ -128,24 +108,33 @@ def index_dtype(pool_size: int) -> torch.dtype:
 MAX_STEPS = 1_000_000  # a client claiming more local steps than this is refused
 
 
+def encode_pairs(indices: torch.Tensor, grads: torch.Tensor) -> State:
+    """One uint8 tensor: the indices' bytes, then the float32 gradients' (one header entry on
+    the wire instead of two)."""
+    blob = torch.cat([indices.contiguous().view(torch.uint8), grads.contiguous().view(torch.uint8)])
+    return OrderedDict([(PAIRS, blob)])
+
+
 def check_pairs(payload: dict[str, torch.Tensor], pool_size: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The upload's (seed indices, projected gradients), or a ValueError naming the problem."""
-    if set(payload) != {SEED_INDEX, PROJECTED_GRAD}:
-        raise ValueError(f"fedkseed upload: expected tensors {SEED_INDEX!r} and "
-                         f"{PROJECTED_GRAD!r}, got {sorted(payload)[:4]}")
-    indices, grads = payload[SEED_INDEX], payload[PROJECTED_GRAD]
-    if indices.dtype != index_dtype(pool_size) or grads.dtype != torch.float32:
-        raise ValueError(f"fedkseed upload: {SEED_INDEX} must be {index_dtype(pool_size)} and "
-                         f"{PROJECTED_GRAD} float32 (got {indices.dtype}, {grads.dtype})")
-    if indices.dim() != 1 or indices.shape != grads.shape or not 1 <= indices.numel() <= MAX_STEPS:
-        raise ValueError(f"fedkseed upload: {SEED_INDEX} and {PROJECTED_GRAD} must be 1-D of "
-                         f"the same length 1..{MAX_STEPS} (got {tuple(indices.shape)}, "
-                         f"{tuple(grads.shape)})")
+    blob = payload.get(PAIRS) if set(payload) == {PAIRS} else None
+    if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ValueError(f"fedkseed upload: expected one 1-D uint8 tensor {PAIRS!r}, got "
+                         f"{sorted(payload)[:4]}")
+    index_type = index_dtype(pool_size)
+    record = index_type.itemsize + 4
+    steps = blob.numel() // record
+    if blob.numel() % record or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"fedkseed upload: {blob.numel()} bytes is not 1..{MAX_STEPS} "
+                         f"(seed index, gradient) pairs of {record} bytes")
+    split = steps * index_type.itemsize
+    indices = blob[:split].clone().view(index_type)
+    grads = blob[split:].clone().view(torch.float32)
     if int(indices.min()) < 0 or int(indices.max()) >= pool_size:
         raise ValueError(f"fedkseed upload: a seed index outside the pool of {pool_size}")
     if not bool(torch.isfinite(grads).all()):
-        raise ValueError(f"fedkseed upload: {PROJECTED_GRAD} holds non-finite values")
+        raise ValueError("fedkseed upload: a projected gradient is not finite")
     return indices, grads
 
 

@@ -13,24 +13,13 @@ from __future__ import annotations
 import torch
 
 from fedfm.algorithms.fedavg import build_delta_server
-from fedfm.algorithms.local_train import (
-    batch_indices,
-    num_optimizer_steps,
-    trainable_parameters,
-    training_examples,
-)
 from fedfm.config import AlgorithmConfig, LocalTrainingConfig, ZerothOrderConfig
 from fedfm.core import state as state_ops
 from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
 from fedfm.core.registries import ALGORITHMS
 from fedfm.core.registry import MethodInfo
 from fedfm.core.update import Broadcast, ClientUpdate
-from fedfm.efficiency.zeroth_order.common import (
-    add_direction,
-    device_batch,
-    loss_function,
-    two_point,
-)
+from fedfm.efficiency.zeroth_order.common import add_direction, start_run, two_point
 
 
 class FedZOClient:
@@ -39,27 +28,19 @@ class FedZOClient:
         self.zo = zo
 
     def run(self, ctx: ClientContext, broadcast: Broadcast) -> ClientResult:
-        if not ctx.train_examples:
-            raise ValueError(f"client {ctx.client_id} has no training examples")
-        examples = training_examples(ctx, self.local)
-        steps = num_optimizer_steps(self.local, len(examples))
-        generator = torch.Generator().manual_seed(ctx.seed)
-        named = trainable_parameters(ctx.model)
-        loss_of = loss_function(ctx)
-        ctx.model.eval()
+        run = start_run(ctx, self.local)
         losses = []
-        for rows in batch_indices(len(examples), self.local.batch_size, steps, generator):
-            batch = device_batch(ctx, [examples[i] for i in rows])
+        for batch in run.batches:
             estimates = []
             for _ in range(self.zo.directions):
-                seed = int(torch.randint(2**62, (1,), generator=generator))
-                grad, loss = two_point(ctx, named, batch, seed, self.zo.eps, loss_of)
+                seed = int(torch.randint(2**62, (1,), generator=run.generator))
+                grad, loss = two_point(ctx, run.named, batch, seed, self.zo.eps, run.loss_of)
                 estimates.append((seed, grad))
                 losses.append(loss)
             for seed, grad in estimates:
-                add_direction(named, seed, -self.local.lr * grad / self.zo.directions)
+                add_direction(run.named, seed, -self.local.lr * grad / self.zo.directions)
         delta = state_ops.sub(ctx.get_state(), broadcast.global_state)
-        metrics = {"train_loss": sum(losses) / len(losses), "steps": float(steps),
+        metrics = {"train_loss": sum(losses) / len(losses), "steps": float(run.steps),
                    "forward_passes": float(2 * len(losses))}
         return ClientResult(ClientUpdate(ctx.client_id, delta, len(ctx.train_examples),
                                          metrics))
