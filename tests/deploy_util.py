@@ -26,7 +26,9 @@ def server_config_dict(tmp_path: Path, **changes: Any) -> dict[str, Any]:
     base = deep_update(base, {
         "data": {"partition": {"kind": "iid"}, "max_rows": 120},
         "federation": {"num_clients": 3, "clients_per_round": 3, "rounds": 2},
-        "runtime": {"num_threads": 1},
+        # attention: auto times the implementations per process and may pick differently in
+        # the agents and in the test; one fixed choice keeps the equivalence bit for bit
+        "runtime": {"num_threads": 1, "attention": "eager"},
         "deploy": {"round_timeout_s": 120, "long_poll_s": 1.0, "heartbeat_s": 2.0},
     })
     return deep_update(base, changes)
