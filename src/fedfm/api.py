@@ -108,6 +108,20 @@ def check_components(config: RunConfig) -> None:
     _check_compression(config)
     _check_lora_algorithm(config)
     _check_fedkseed(config)
+    _check_fedbpt(config)
+
+
+def _check_fedbpt(config: RunConfig) -> None:
+    """FedBPT searches a random subspace of a soft prompt with CMA-ES."""
+    if config.algorithm.name != "fedbpt":
+        return
+    if config.adapter.kind != "prompt_tuning":
+        raise ConfigError(f"invalid config: algorithm 'fedbpt' tunes a soft prompt by forward "
+                          f"queries; adapter.kind is {config.adapter.kind!r} (use "
+                          f"prompt_tuning)")
+    _refuse_combinations(config, "algorithm 'fedbpt' aggregates CMA-ES means and step sizes", {
+        "privacy.client_dp": "DP-FedAvg replaces the server rule that averages the step sizes",
+        "privacy.secure_aggregation": "the step sizes travel beside the masked sum"})
 
 
 def _refuse_combinations(config: RunConfig, subject: str, reasons: dict[str, str]) -> None:

@@ -328,6 +328,18 @@ class ZerothOrderConfig(_Section):
     directions: int = Field(default=1, ge=1)
 
 
+class BlackBoxConfig(_Section):
+    """FedBPT (``fedfm.trust.ip.fedbpt``): clients search ``intrinsic_dim`` coordinates ``z``
+    with CMA-ES (``population`` candidates per generation, ``generations`` per round, one batch
+    of ``algorithm.local.batch_size`` per generation); the adapter's tensors are
+    ``theta_0 + A z`` for a fixed seeded random ``A``. ``sigma`` is CMA-ES's first step size."""
+
+    intrinsic_dim: int = Field(default=500, ge=1)
+    population: int = Field(default=20, ge=2)
+    generations: int = Field(default=8, ge=1)
+    sigma: float = Field(default=1.0, gt=0.0)
+
+
 class AlgorithmConfig(_Section):
     """How clients learn: the client procedure and the server rule, found by name."""
 
@@ -341,6 +353,7 @@ class AlgorithmConfig(_Section):
     compression: CompressionConfig | None = None  # None: updates travel as dense tensors
     lora: LoraAlgorithmConfig = Field(default_factory=LoraAlgorithmConfig)
     zo: ZerothOrderConfig = Field(default_factory=ZerothOrderConfig)
+    bpt: BlackBoxConfig = Field(default_factory=BlackBoxConfig)
 
     @model_validator(mode="after")
     def _zeroth_order_is_plain_sgd(self) -> AlgorithmConfig:

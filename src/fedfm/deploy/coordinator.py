@@ -93,6 +93,9 @@ def check_deployable(config: RunConfig) -> None:
                           "(distributed DP noise) runs in simulation only so far; a deployment "
                           "runs secure aggregation with the mean aggregator, or client_dp with "
                           "central noise")
+    if config.algorithm.name == "fedbpt":
+        raise ConfigError("invalid config: algorithm 'fedbpt' runs in simulation only so far: "
+                          "its clients query the model through the simulator's process")
     if config.algorithm.name in ("flora", "flexlora", "fedsa_lora", "hetlora", "fedkseed"):
         raise ConfigError(f"invalid config: algorithm {config.algorithm.name!r} runs in "
                           f"simulation only so far: its uploads are rank slices, A alone "
