@@ -84,13 +84,13 @@ class DeltaServer:
         return states
 
     def load_state_dict(self, states: Mapping[str, State]) -> None:
-        self.optimizer.load_state_dict(_with_prefix(states, "optimizer."))
+        self.optimizer.load_state_dict(with_prefix(states, "optimizer."))
         own = getattr(self.aggregator, "load_state_dict", None)
         if own is not None:
-            own(_with_prefix(states, "aggregator."))
+            own(with_prefix(states, "aggregator."))
 
 
-def _with_prefix(states: Mapping[str, State], prefix: str) -> dict[str, State]:
+def with_prefix(states: Mapping[str, State], prefix: str) -> dict[str, State]:
     return {k[len(prefix):]: v for k, v in states.items() if k.startswith(prefix)}
 
 

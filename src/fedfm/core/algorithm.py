@@ -83,6 +83,32 @@ class ServerRule(Protocol):
     def load_state_dict(self, states: Mapping[str, State]) -> None: ...
 
 
+class ServerWrapper:
+    """A server rule around another (compression decoding, attacks, replayed uploads): what a
+    subclass does not override is the inner rule's, its protocol methods and its optional parts
+    (``aggregator``, ``check_update``, ``round_metrics``, ...) alike."""
+
+    def __init__(self, inner: ServerRule) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def broadcast_extras(self, global_state: State) -> dict[str, State]:
+        return self.inner.broadcast_extras(global_state)
+
+    def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
+        return self.inner.aggregate(global_state, updates, round)
+
+    def state_dict(self) -> dict[str, State]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, states: Mapping[str, State]) -> None:
+        self.inner.load_state_dict(states)
+
+
 @dataclass
 class Algorithm:
     """A registered algorithm: both halves, built from one config."""

@@ -77,6 +77,8 @@ class DeployError(Exception):
 
 def check_deployable(config: RunConfig) -> None:
     """Reject what a real deployment cannot do, before anything is loaded."""
+    from fedfm.efficiency.lora import SLICED_UPLOADS
+
     if config.robustness.attack is not None:
         raise ConfigError("invalid config: robustness.attack simulates malicious clients; a "
                           "deployment has real ones (remove robustness.attack)")
@@ -96,7 +98,7 @@ def check_deployable(config: RunConfig) -> None:
     if config.algorithm.name == "fedbpt":
         raise ConfigError("invalid config: algorithm 'fedbpt' runs in simulation only so far: "
                           "its clients query the model through the simulator's process")
-    if config.algorithm.name in ("flora", "flexlora", "fedsa_lora", "hetlora", "fedkseed"):
+    if config.algorithm.name in (*SLICED_UPLOADS, "fedkseed"):
         raise ConfigError(f"invalid config: algorithm {config.algorithm.name!r} runs in "
                           f"simulation only so far: its uploads are rank slices, A alone "
                           f"or (seed, scalar) pairs, and the deployment's wire format carries "

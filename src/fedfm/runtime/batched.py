@@ -59,10 +59,9 @@ def unsupported_reason(workload: Workload) -> str | None:
     config = workload.config
     if config.adapter.kind != "lora":
         return f"adapter.kind {config.adapter.kind!r} (batched needs lora)"
-    if config.algorithm.compression is not None:
-        return "algorithm.compression wraps the client half (its encoding runs per client)"
-    if not isinstance(workload.client, DeltaClient):
-        return f"algorithm {config.algorithm.name!r} has no batched client half"
+    if not isinstance(workload.client, DeltaClient):  # e.g. wrapped by compression
+        return (f"algorithm {config.algorithm.name!r}: its client half "
+                f"({type(workload.client).__name__}) has no batched form")
     task = workload.bundle.task
     if task not in ("classification", "causal_lm"):
         return f"task {task!r} (batched supports classification and causal_lm)"

@@ -31,6 +31,7 @@ from fedfm.core.algorithm import (
     ClientResult,
     ClientState,
     ServerRule,
+    ServerWrapper,
 )
 from fedfm.core.loop import derive_seed
 from fedfm.core.state import State
@@ -166,35 +167,18 @@ class CompressedClient:
         return ClientResult(update=update, client_state=client_state)
 
 
-class CompressedServer:
+class CompressedServer(ServerWrapper):
     """Wraps a server half: decodes each update (``decode_update``, called by the round loop
     before validation); everything else is the inner rule's."""
 
     def __init__(self, inner: ServerRule, chain: CompressionChain) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.chain = chain
-
-    def __getattr__(self, name: str) -> Any:  # the inner rule's optional parts (aggregator, ...)
-        if name in ("inner", "chain"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def decode_update(self, update: ClientUpdate, global_state: State) -> ClientUpdate:
         spec = encoded_spec(self.chain, global_state)
         payload = decode_state(self.chain, unpack(update.payload, spec), global_state)
         return dataclasses.replace(update, payload=payload)
-
-    def broadcast_extras(self, global_state: State) -> dict[str, State]:
-        return self.inner.broadcast_extras(global_state)
-
-    def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
-        return self.inner.aggregate(global_state, updates, round)
-
-    def state_dict(self) -> dict[str, State]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, states: Mapping[str, State]) -> None:
-        self.inner.load_state_dict(states)
 
 
 def compress_algorithm(algorithm: Algorithm, cfg: CompressionConfig) -> Algorithm:

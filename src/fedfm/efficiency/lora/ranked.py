@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fedfm.algorithms.fedavg import with_prefix
 from fedfm.algorithms.server_opt import ServerOptimizer
 from fedfm.config import LoraAlgorithmConfig
 from fedfm.core.algorithm import ClientContext, ClientProcedure, ClientResult
@@ -104,8 +105,7 @@ class RankedServer:
         return {f"optimizer.{k}": v for k, v in self.optimizer.state_dict().items()}
 
     def load_state_dict(self, states: Mapping[str, State]) -> None:
-        self.optimizer.load_state_dict({k[len("optimizer."):]: v for k, v in states.items()
-                                        if k.startswith("optimizer.")})
+        self.optimizer.load_state_dict(with_prefix(states, "optimizer."))
 
 
 def weighted_sum(states: list[State], weights: list[float], keys: list[str]) -> State:

@@ -20,7 +20,13 @@ import torch
 
 from fedfm.algorithms.fedavg import build_delta_server
 from fedfm.config import AlgorithmConfig, LocalTrainingConfig, ZerothOrderConfig
-from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
+from fedfm.core.algorithm import (
+    Algorithm,
+    ClientContext,
+    ClientResult,
+    ServerRule,
+    ServerWrapper,
+)
 from fedfm.core.loop import derive_seed
 from fedfm.core.registries import ALGORITHMS
 from fedfm.core.registry import MethodInfo
@@ -63,20 +69,15 @@ class FedKSeedClient:
                                          metrics))
 
 
-class FedKSeedServer:
+class FedKSeedServer(ServerWrapper):
     """Checks each upload of (seed index, scalar) pairs and replays it as a dense delta;
     aggregation and the server optimizer are FedAvg's / FedOpt's."""
 
-    def __init__(self, inner: object, local: LocalTrainingConfig,
+    def __init__(self, inner: ServerRule, local: LocalTrainingConfig,
                  zo: ZerothOrderConfig) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.local = local
         self.pool = seed_pool(zo)
-
-    def __getattr__(self, name: str) -> object:
-        if name in ("inner", "local", "pool"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def decode_update(self, update: ClientUpdate, global_state: State) -> ClientUpdate:
         indices, grads = check_pairs(update.payload, len(self.pool))
@@ -86,18 +87,6 @@ class FedKSeedServer:
         return ClientUpdate(update.client_id, payload, update.num_examples,
                             dict(update.metrics), dict(update.aux),
                             {**update.metadata, "zo_steps": len(steps)})
-
-    def broadcast_extras(self, global_state: State) -> dict[str, State]:
-        return self.inner.broadcast_extras(global_state)  # type: ignore[attr-defined]
-
-    def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
-        return self.inner.aggregate(global_state, updates, round)  # type: ignore[attr-defined]
-
-    def state_dict(self) -> dict[str, State]:
-        return self.inner.state_dict()  # type: ignore[attr-defined]
-
-    def load_state_dict(self, states: dict[str, State]) -> None:
-        self.inner.load_state_dict(states)  # type: ignore[attr-defined]
 
 
 def index_dtype(pool_size: int) -> torch.dtype:

@@ -26,7 +26,13 @@ import torch
 from fedfm.algorithms.fedavg import build_delta_server
 from fedfm.algorithms.local_train import batch_indices
 from fedfm.config import AlgorithmConfig, BlackBoxConfig, LocalTrainingConfig
-from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult
+from fedfm.core.algorithm import (
+    Algorithm,
+    ClientContext,
+    ClientResult,
+    ServerRule,
+    ServerWrapper,
+)
 from fedfm.core.registries import ALGORITHMS
 from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
@@ -132,17 +138,12 @@ class FedBPTClient:
         return ClientResult(update)
 
 
-class FedBPTServer:
+class FedBPTServer(ServerWrapper):
     """FedAvg of the clients' CMA-ES means (any server optimizer), mean of their step sizes."""
 
-    def __init__(self, inner: Any, cfg: BlackBoxConfig) -> None:
-        self.inner = inner
+    def __init__(self, inner: ServerRule, cfg: BlackBoxConfig) -> None:
+        super().__init__(inner)
         self.sigma = cfg.sigma
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("inner", "sigma"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def broadcast_extras(self, global_state: State) -> dict[str, State]:
         return {EXTRAS_KEY: OrderedDict(sigma=torch.tensor([self.sigma], dtype=torch.float64))}
@@ -169,7 +170,7 @@ class FedBPTServer:
 class FedBPTAlgorithmServer(FedBPTServer):
     """Binds to the workload: reparameterises its model once (``theta_0 + A z``)."""
 
-    def __init__(self, inner: Any, cfg: BlackBoxConfig) -> None:
+    def __init__(self, inner: ServerRule, cfg: BlackBoxConfig) -> None:
         super().__init__(inner, cfg)
         self.dim = cfg.intrinsic_dim
 

@@ -26,7 +26,6 @@ Data poisoning (``label_flip``, ``backdoor``) lives in ``poisoning``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import replace
 from statistics import NormalDist
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from fedfm.config import AttackConfig
+from fedfm.core.algorithm import ServerWrapper
 from fedfm.core.registries import POISONING
 from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State, flatten, global_norm, sub, unflatten
@@ -223,26 +223,18 @@ def build_attack(cfg: AttackConfig) -> PoisoningAttack:
     return POISONING.get(cfg.kind)(cfg)
 
 
-class ByzantineServer:
+class ByzantineServer(ServerWrapper):
     """Wraps a server rule: before aggregation, the malicious clients' updates are replaced by
     the attack's, screened like any update (``check_update``), and the round's detection
     (precision / recall of the clients the aggregator left out) is reported."""
 
     def __init__(self, inner: Any, attack: PoisoningAttack, malicious: list[int],
                  seed: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.attack = attack
         self.malicious = set(malicious)
         self.seed = seed
         self._last: dict[str, Any] = {}
-
-    def __getattr__(self, name: str) -> Any:  # the inner rule's other parts (aggregator, ...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def broadcast_extras(self, global_state: State) -> dict[str, State]:
-        return self.inner.broadcast_extras(global_state)
 
     def check_update(self, update: ClientUpdate, global_state: State) -> None:
         check = getattr(self.inner, "check_update", None)
@@ -295,12 +287,6 @@ class ByzantineServer:
         found = dict(inner()) if inner is not None else {}
         found["attack"] = dict(self._last)
         return found
-
-    def state_dict(self) -> dict[str, State]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, states: Mapping[str, State]) -> None:
-        self.inner.load_state_dict(states)
 
 
 def server_aggregator(server: Any) -> Any:
