@@ -63,21 +63,15 @@ W1_METHODS = ("fedavg", "int8", "topk5_int8_ef", "flora", "flexlora_tiers", "fed
 
 
 def sst2_config(rounds: int, rows: int) -> dict[str, Any]:
-    return {
-        "name": "bench-communication-sst2", "seed": 0,
-        "model": {"name": "minilm", "max_length": 64},
-        "adapter": {"kind": "lora", "r": 8, "alpha": 16, "target_modules": ["query", "value"]},
-        "data": {"path": str(DATA / "sst2_train.jsonl"), "format": "classification",
-                 "validation_path": str(DATA / "sst2_validation.jsonl"),
-                 "text_field": "sentence", "label_field": "label",
-                 "label_names": ["negative", "positive"], "max_rows": rows,
-                 "max_validation_rows": 400,
-                 "partition": {"kind": "dirichlet", "alpha": 1.0, "min_size": 32}},
-        "federation": {"num_clients": 10, "clients_per_round": 10, "rounds": rounds},
-        "algorithm": {"name": "fedavg", "local": {"steps": 8, "batch_size": 16, "lr": 5e-3}},
-        "eval": {"every": rounds, "per_client": False},
-        "tracking": {"console": False},
-    }
+    """bench/privacy.py's MiniLM + SST-2 set-up, example-weighted and without privacy."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from privacy import config as privacy_config
+
+    raw = privacy_config(rounds, rows, "runs", {})
+    del raw["privacy"]
+    raw["name"] = "bench-communication-sst2"
+    raw["algorithm"] = {"name": "fedavg", "local": {"steps": 8, "batch_size": 16, "lr": 5e-3}}
+    return raw
 
 
 def w1_config(rounds: int) -> dict[str, Any]:
