@@ -340,6 +340,59 @@ class BlackBoxConfig(_Section):
     sigma: float = Field(default=1.0, gt=0.0)
 
 
+class PublicDataConfig(_Section):
+    """Unlabeled public data that the server may use (distillation): any source ``data.path``
+    accepts (jsonl/json/csv/parquet file, saved HF dataset dir, hub id with ``:split``). Only
+    the input text is read: ``text_field`` (and ``text_pair_field``), or, when unset, the run's
+    own input fields (``data.text_field`` for classification, the instruction prompt for
+    instruction data, the conversation for chat data). Labels, if present, are ignored."""
+
+    path: str = Field(min_length=1)
+    text_field: str | None = None
+    text_pair_field: str | None = None
+    max_rows: int | None = Field(default=512, ge=1)
+
+
+class DistillConfig(_Section):
+    """Server-side knowledge distillation on ``public`` data (``fedfm.efficiency.distillation``).
+    FedDF (``algorithm.name: feddf``): after aggregation the global model is trained for
+    ``steps`` Adam steps (``lr``, ``batch_size``) to match the averaged, temperature-``T``
+    softened logits of the round's client models. FedMKT (``algorithm.name: fedmkt``): the
+    server also holds ``server_model`` (a larger model, with ``server_adapter`` or the run's
+    adapter); each round the clients' ensemble teaches it and it then teaches the global small
+    model, both through logits on the public data."""
+
+    public: PublicDataConfig
+    steps: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    temperature: float = Field(default=1.0, gt=0.0)
+    server_model: ModelConfig | None = None  # fedmkt: the large model the server holds
+    server_adapter: AdapterConfig | None = None  # fedmkt: None: the run's adapter section
+    server_steps: int | None = Field(default=None, ge=1)  # fedmkt: steps into the large model
+
+
+class SplitConfig(_Section):
+    """Split learning (``algorithm.name: splitfed``; ``fedfm.efficiency.split``): the client
+    holds the embeddings and the first ``cut_layer`` transformer blocks (with their adapters),
+    the server the rest and the head; per step the client sends the cut layer's activations
+    (cast to ``activation_dtype`` on the wire) and receives their gradients."""
+
+    cut_layer: int = Field(default=1, ge=1)
+    activation_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class OffsiteConfig(_Section):
+    """Offsite tuning (``algorithm.name: fedot``; ``fedfm.trust.ip.offsite``): the owner keeps
+    the full model and gives clients an emulator that keeps the bottom ``bottom`` and top
+    ``top`` blocks (the only ones with adapters) and a uniformly spaced ``1 - drop`` share of
+    the middle blocks."""
+
+    drop: float = Field(default=0.5, ge=0.0, lt=1.0)
+    bottom: int = Field(default=1, ge=1)
+    top: int = Field(default=1, ge=1)
+
+
 class AlgorithmConfig(_Section):
     """How clients learn: the client procedure and the server rule, found by name."""
 
@@ -354,6 +407,9 @@ class AlgorithmConfig(_Section):
     lora: LoraAlgorithmConfig = Field(default_factory=LoraAlgorithmConfig)
     zo: ZerothOrderConfig = Field(default_factory=ZerothOrderConfig)
     bpt: BlackBoxConfig = Field(default_factory=BlackBoxConfig)
+    distill: DistillConfig | None = None  # feddf / fedmkt
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    offsite: OffsiteConfig = Field(default_factory=OffsiteConfig)
 
     @model_validator(mode="after")
     def _zeroth_order_is_plain_sgd(self) -> AlgorithmConfig:
