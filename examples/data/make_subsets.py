@@ -7,7 +7,9 @@ the subsets are written next to this script. See README.md for sources and licen
 
 - ``sst2_train.jsonl``: 8,000 rows of ``sst2/train.jsonl`` (``random.Random(0).sample``, kept
   in file order); ``sst2_validation.jsonl``: the full 872-row GLUE dev set. Fields: sentence,
-  label.
+  label. ``sst2_public.jsonl``: 1,000 *other* rows of ``sst2/train.jsonl``
+  (``random.Random(1).sample`` of the rest), sentence only: the unlabeled public set of the
+  distillation examples.
 - ``dolly_train.jsonl``: 2,000 rows of ``dolly15k/dolly15k.jsonl`` stratified by ``category``
   (proportional, largest remainder, so all 8 categories are present);
   ``dolly_validation.jsonl``: 200 *other* rows, stratified the same way. Fields: instruction,
@@ -29,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_SHARED = HERE.parents[2] / "shared" / "data"
 SEED = 0
 SST2_TRAIN_ROWS = 8000
+SST2_PUBLIC_ROWS = 1000
 DOLLY_TRAIN_ROWS = 2000
 DOLLY_VALIDATION_ROWS = 200
 SST2_FIELDS = ("sentence", "label")
@@ -70,6 +73,10 @@ def make_sst2(shared: Path, out: Path) -> None:
     train = read_jsonl(shared / "sst2" / "train.jsonl")
     keep = sorted(random.Random(SEED).sample(range(len(train)), SST2_TRAIN_ROWS))
     write_jsonl(out / "sst2_train.jsonl", [train[i] for i in keep], SST2_FIELDS)
+    taken = set(keep)
+    public = sorted(random.Random(SEED + 1).sample(
+        [i for i in range(len(train)) if i not in taken], SST2_PUBLIC_ROWS))
+    write_jsonl(out / "sst2_public.jsonl", [train[i] for i in public], ("sentence",))
     write_jsonl(out / "sst2_validation.jsonl",
                 read_jsonl(shared / "sst2" / "validation.jsonl"), SST2_FIELDS)
 

@@ -109,6 +109,9 @@ def check_components(config: RunConfig) -> None:
     _check_lora_algorithm(config)
     _check_fedkseed(config)
     _check_fedbpt(config)
+    from fedfm.efficiency.distillation import check_distillation
+
+    check_distillation(config)
 
 
 def _check_fedbpt(config: RunConfig) -> None:

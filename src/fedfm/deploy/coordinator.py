@@ -750,6 +750,9 @@ def build_server_workload(config: RunConfig, algorithm: Any) -> Any:
     elif config.algorithm.aggregator == "fltrust":
         raise ConfigError("invalid config: algorithm.aggregator 'fltrust' needs the server's "
                           "root data: data.validation_path must exist on the coordinator")
+    bind = getattr(algorithm.server, "bind_workload", None)  # e.g. FedDF's public data
+    if bind is not None:
+        bind(workload)
     return workload
 
 
