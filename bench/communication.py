@@ -111,13 +111,30 @@ def rss_mb() -> float:
 
 def run_one(workload: str, method: str, rounds: int, rows: int, zo_steps: int) -> dict[str, Any]:
     """One method in this process (the parent runs each in a fresh one)."""
+    raw = method_config(workload, method, rounds, rows, zo_steps, "unused")
+    found, result = measured_run(raw, "accuracy" if workload == "sst2" else "loss")
+    lora = [r["lora"] for r in result.metrics if "lora" in r]
+    if lora:
+        found["lora_last"] = lora[-1]
+    errors = [e["compression_error"] for r in result.metrics for e in r["clients"].values()
+              if "compression_error" in e]
+    if errors:
+        found["compression_error_mean"] = sum(errors) / len(errors)
+    return found
+
+
+def measured_run(raw: dict[str, Any], metric: str) -> tuple[dict[str, Any], Any]:
+    """Run ``raw`` (a config dict) in this process: bytes per client per round, time, memory
+    and the last evaluation's ``metric`` (global, and the clients' mean when per-client)."""
     import torch
 
     from fedfm import api
     from fedfm.config import config_from_dict
 
+    rounds = raw["federation"]["rounds"]
     with tempfile.TemporaryDirectory() as out:
-        config = config_from_dict(method_config(workload, method, rounds, rows, zo_steps, out))
+        raw = {**raw, "tracking": {**raw["tracking"], "output_dir": out}}
+        config = config_from_dict(raw)
         api.check_components(config)
         api.seed_everything(config.seed)
         algorithm = api.build_algorithm(config)
@@ -144,20 +161,13 @@ def run_one(workload: str, method: str, rounds: int, rows: int, zo_steps: int) -
         "full_model_bytes": full_model_bytes,
         "torch_threads": torch.get_num_threads()}
     found["train_rss_mb"] = round(found["peak_rss_mb"] - loaded_rss, 1)
-    metric = "accuracy" if workload == "sst2" else "loss"
     found[f"val_{metric}"] = last_eval.get("global", {}).get(metric)
     per_client = last_eval.get("per_client")
     if per_client:
         values = [m[metric] for m in per_client.values() if metric in m]
         found[f"clients_mean_{metric}"] = sum(values) / len(values)
-    lora = [r["lora"] for r in result.metrics if "lora" in r]
-    if lora:
-        found["lora_last"] = lora[-1]
-    errors = [e["compression_error"] for r in result.metrics for e in r["clients"].values()
-              if "compression_error" in e]
-    if errors:
-        found["compression_error_mean"] = sum(errors) / len(errors)
-    return found
+    found["last_eval"] = last_eval.get("global", {})
+    return found, result
 
 
 def spawn(workload: str, method: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -101,7 +101,7 @@ class FedDFServer(ServerWrapper):
 
 
 @ALGORITHMS.register("feddf", MethodInfo(
-    "efficiency.model.distillation",
+    "efficiency.distillation",
     "Ensemble Distillation for Robust Model Fusion in Federated Learning (Lin et al., "
     "NeurIPS 2020)",
     "algorithm: {name: feddf, distill: {public: {path: public.jsonl}, steps: 50}}",

@@ -166,7 +166,7 @@ class FedMKTServer(ServerWrapper):
 
 
 @ALGORITHMS.register("fedmkt", MethodInfo(
-    "efficiency.model.distillation",
+    "efficiency.distillation",
     "FedMKT: Federated Mutual Knowledge Transfer for Large and Small Language Models (Fan et "
     "al., arXiv 2024)",
     "algorithm: {name: fedmkt, distill: {public: {path: public.jsonl}, server_model: {name: "
