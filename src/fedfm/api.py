@@ -110,8 +110,10 @@ def check_components(config: RunConfig) -> None:
     _check_fedkseed(config)
     _check_fedbpt(config)
     from fedfm.efficiency.distillation import check_distillation
+    from fedfm.efficiency.split import check_split
 
     check_distillation(config)
+    check_split(config)
 
 
 def _check_fedbpt(config: RunConfig) -> None:

@@ -23,7 +23,14 @@ from fedfm.core import state as state_ops
 from fedfm.core.algorithm import ClientState, ServerRule
 from fedfm.core.client_store import ClientStore
 from fedfm.core.state import State
-from fedfm.core.update import WIRE_BYTES, Broadcast, ClientUpdate, UpdateBatch, validate_update
+from fedfm.core.update import (
+    WIRE_BYTES,
+    WIRE_BYTES_TOTAL,
+    Broadcast,
+    ClientUpdate,
+    UpdateBatch,
+    validate_update,
+)
 
 
 def derive_seed(seed: int, *path: int) -> int:
@@ -227,6 +234,7 @@ class RoundLoop:
         if round_metrics is not None and aborted is None:  # e.g. the privacy budget spent
             found = dict(round_metrics())
             _book_wire_bytes(record, found.pop(WIRE_BYTES, None))
+            _book_wire_bytes(record, found.pop(WIRE_BYTES_TOTAL, None), add_down=False)
             record.update(found)
         eval_time = 0.0
         if self._is_eval_round(round_index):
@@ -328,10 +336,11 @@ class RoundLoop:
             observer.on_round_end(record)
 
 
-def _book_wire_bytes(record: dict[str, Any],
-                     wire: dict[int, tuple[int, int]] | None) -> None:
+def _book_wire_bytes(record: dict[str, Any], wire: dict[int, tuple[int, int]] | None, *,
+                     add_down: bool = True) -> None:
     """A protocol that replaced the clients' uploads (secure aggregation) sent its own bytes:
-    they replace each such client's payload size up and add to its broadcast down."""
+    they replace each such client's payload size up and add to its broadcast down (or, with
+    ``add_down=False``, replace it: split learning clients only receive their part)."""
     if not wire:
         return
     for client_id, (sent, received) in wire.items():
@@ -339,7 +348,8 @@ def _book_wire_bytes(record: dict[str, Any],
         if entry is None:
             continue
         entry["bytes_up"] = int(sent)
-        entry["bytes_down"] = int(entry.get("bytes_down", 0)) + int(received)
+        base = int(entry.get("bytes_down", 0)) if add_down else 0
+        entry["bytes_down"] = base + int(received)
     record["bytes_up"] = sum(int(e.get("bytes_up", 0)) for e in record["clients"].values())
     record["bytes_down"] = sum(int(e.get("bytes_down", 0)) for e in record["clients"].values())
 

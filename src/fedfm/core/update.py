@@ -13,6 +13,9 @@ from fedfm.core.state import State
 # aggregation) reports what really crossed the wire: {client id: (bytes sent, bytes received)};
 # the loop books it in place of the plain payload's size
 WIRE_BYTES = "wire_bytes"
+# the same, for a protocol whose clients never receive the broadcast as such (split learning):
+# {client id: (bytes sent, bytes received)} replace both of the client's counts
+WIRE_BYTES_TOTAL = "wire_bytes_total"
 
 
 @dataclass

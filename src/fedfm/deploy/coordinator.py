@@ -95,6 +95,9 @@ def check_deployable(config: RunConfig) -> None:
                           "(distributed DP noise) runs in simulation only so far; a deployment "
                           "runs secure aggregation with the mean aggregator, or client_dp with "
                           "central noise")
+    from fedfm.efficiency.split import check_split_deployable
+
+    check_split_deployable(config)
     if config.algorithm.name == "fedbpt":
         raise ConfigError("invalid config: algorithm 'fedbpt' runs in simulation only so far: "
                           "its clients query the model through the simulator's process")
