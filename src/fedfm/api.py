@@ -111,9 +111,11 @@ def check_components(config: RunConfig) -> None:
     _check_fedbpt(config)
     from fedfm.efficiency.distillation import check_distillation
     from fedfm.efficiency.split import check_split
+    from fedfm.trust.ip.offsite import check_offsite
 
     check_distillation(config)
     check_split(config)
+    check_offsite(config)
 
 
 def _check_fedbpt(config: RunConfig) -> None:

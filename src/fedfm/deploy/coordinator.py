@@ -98,6 +98,11 @@ def check_deployable(config: RunConfig) -> None:
     from fedfm.efficiency.split import check_split_deployable
 
     check_split_deployable(config)
+    if config.algorithm.name == "fedot":
+        raise ConfigError("invalid config: algorithm 'fedot' runs in simulation only so far: "
+                          "its clients train an emulator view of the simulator's full model "
+                          "(fedfm.trust.ip.offsite.save_emulator writes the directory an "
+                          "owner would ship)")
     if config.algorithm.name == "fedbpt":
         raise ConfigError("invalid config: algorithm 'fedbpt' runs in simulation only so far: "
                           "its clients query the model through the simulator's process")

@@ -46,6 +46,9 @@ class Workload:
     speed: SpeedPlan = field(default_factory=SpeedPlan)
     # triggered validation rows of a simulated backdoor (robustness.attack): attack success rate
     backdoor_eval: list[dict[str, Any]] | None = None
+    # other models evaluated beside ``model`` on the same rows, sharing its trainable tensors
+    # (so they hold the same State), e.g. offsite tuning's emulator: metrics "<name>_<metric>"
+    views: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -85,7 +88,7 @@ class Workload:
         examples = self.data.global_validation
         if eval_cfg.max_examples is not None:
             examples = examples[: eval_cfg.max_examples]
-        report = EvalReport(global_metrics=self._evaluate_set(examples, eval_cfg))
+        report = EvalReport(global_metrics=self._evaluate_views(examples, eval_cfg))
         if self.bundle.task != "classification" and eval_cfg.generation.enabled and examples:
             report.global_metrics.update(self._generation_metrics(examples, eval_cfg))
         if self.backdoor_eval:
@@ -95,7 +98,7 @@ class Workload:
                 if client.validation:
                     if personal is not None:
                         self.set_state(personal(client.client_id))
-                    report.per_client[client.client_id] = self._evaluate_set(
+                    report.per_client[client.client_id] = self._evaluate_views(
                         client.validation, eval_cfg)
             if personal is not None:
                 self.set_state(global_state)
@@ -108,16 +111,26 @@ class Workload:
         self.set_state(state)
         return self._evaluate_set(examples, self.config.eval)
 
-    def _evaluate_set(self, examples: list[dict[str, Any]], eval_cfg: EvalConfig
-                      ) -> dict[str, float]:
+    def _evaluate_views(self, examples: list[dict[str, Any]], eval_cfg: EvalConfig
+                        ) -> dict[str, float]:
+        """The model's metrics on ``examples``, then each view's under its name."""
+        metrics = self._evaluate_set(examples, eval_cfg)
+        for name, view in self.views.items():
+            found = self._evaluate_set(examples, eval_cfg, view)
+            metrics.update({f"{name}_{key}": value for key, value in found.items()})
+        return metrics
+
+    def _evaluate_set(self, examples: list[dict[str, Any]], eval_cfg: EvalConfig,
+                      model: torch.nn.Module | None = None) -> dict[str, float]:
         # Every metric here is order-free (token- or example-weighted over the whole set), so
-        # batching by length only removes padding work.
+        # batching by length only removes padding work. The prefix cache serves ``self.model``
+        # alone (a view's blocks differ).
         by_length = sorted(examples, key=lambda ex: len(ex["input_ids"]))
-        cache = self.speed.cache
+        cache = self.speed.cache if model is None else None
         with cache.enabled() if cache is not None else nullcontext():
             return evaluate_examples(
-                self.model, by_length, task=self.bundle.task, collate_fn=self.collate_fn(),
-                batch_size=eval_cfg.batch_size, device=self.device,
+                self.model if model is None else model, by_length, task=self.bundle.task,
+                collate_fn=self.collate_fn(), batch_size=eval_cfg.batch_size, device=self.device,
                 autocast_dtype=self.autocast_dtype, num_labels=self.bundle.num_labels)
 
     def _attack_success(self, eval_cfg: EvalConfig) -> float:
