@@ -9,9 +9,9 @@ on 400 validation sentences. Per method:
 
 - ``feddf``: FedAvg, then ``--distill-steps`` Adam steps distilling the clients' ensemble on
   ``--public-rows`` unlabeled sentences of ``sst2_public.jsonl`` into the aggregate.
-- ``fedmkt``: the clients hold a 2-block MiniLM (its first two pretrained blocks), the server
+- ``fedmkt``: the clients hold a 4-block MiniLM (its first four pretrained blocks), the server
   the whole 6-block MiniLM; logits move both ways on the same public sentences. Reported next to
-  ``fedavg_small`` (plain FedAvg of the 2-block model) and with the server model's accuracy.
+  ``fedavg_small`` (plain FedAvg of the 4-block model) and with the server model's accuracy.
 - ``splitfed``: the clients hold the embeddings and block 0-1 (``cut_layer`` 2); bytes include
   the activations and gradients of every step.
 - ``fedot``: the emulator keeps blocks 0 and 5 and a uniform half of the middle four; the line
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from communication import measured_run, sst2_config  # noqa: E402
 
-SMALL_MINILM = {"name": "minilm", "max_length": 64, "config_overrides": {"num_hidden_layers": 2}}
+SMALL_MINILM = {"name": "minilm", "max_length": 64, "config_overrides": {"num_hidden_layers": 4}}
 METHODS = ("fedavg", "feddf", "fedavg_small", "fedmkt", "splitfed", "fedot", "fedbpt")
 
 

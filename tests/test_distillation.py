@@ -17,7 +17,7 @@ from fedfm.config import ConfigError, DataConfig, PublicDataConfig, config_from_
 from fedfm.core.update import ClientUpdate
 from fedfm.data.sources import DataError
 from fedfm.efficiency.distillation.feddf import client_models
-from fedfm.efficiency.distillation.fedmkt import STATE_KEY, check_vocabularies
+from fedfm.efficiency.distillation.fedmkt import EXTRAS_KEY, STATE_KEY, check_vocabularies
 from fedfm.efficiency.distillation.kd import ModelView, ensemble_logits, kd_loss, mean_kd_loss
 from fedfm.efficiency.distillation.public import load_public_texts
 from tests.conftest import DATA, cls_config_dict, lm_config_dict
@@ -162,23 +162,75 @@ def test_fedmkt_transfers_knowledge_both_ways_and_checkpoints_the_large_model(
         tmp_path: Path) -> None:
     algorithm, workload = built(fedmkt_config(tmp_path))
     server = algorithm.server
+    assert server.broadcast_extras(workload.get_state()) == {}  # round 1: no teacher yet
     large_before = server.large.get_state()
     base = workload.get_state()
     updates = [ClientUpdate(i, random_delta(base, 20 + i, 0.5), 10) for i in range(2)]
     fedavg = server.inner.aggregate(base, updates, 1)
-    small = server.aggregate(base, updates, 1)
+    server.inner.load_state_dict(server.inner.state_dict())
+    aggregated = server.aggregate(base, updates, 1)
+    assert all(torch.equal(aggregated[k], fedavg[k]) for k in fedavg)  # small side: FedAvg
     large_after = server.large.get_state()
     assert any(not torch.equal(large_before[k], large_after[k]) for k in large_before)
-    assert any(not torch.equal(small[k], fedavg[k]) for k in fedavg)
-    transfer = server.last["large_to_small"]
+    transfer = server.last["small_to_large"]
     assert transfer["kd_loss_after"] < transfer["kd_loss_before"]
     assert "accuracy" in server.last["server_model"]
+    # large -> small: the broadcast holds the large model's logits on every public batch
+    teacher = server.broadcast_extras(aggregated)[EXTRAS_KEY]
+    assert len(teacher) == len(server.batches)
+    with torch.no_grad():
+        expected = server.large.model(**server.large.batches[0]).logits
+    assert torch.allclose(teacher["batch_0"], expected, atol=1e-5)
     saved = server.state_dict()
     assert set(saved[STATE_KEY]) == set(large_after)
     server.large.view.set_state(large_before)
+    server.teacher = OrderedDict()
     server.load_state_dict(saved)
     restored = server.large.get_state()
     assert all(torch.equal(restored[k], large_after[k]) for k in restored)
+    assert torch.equal(server.broadcast_extras(aggregated)[EXTRAS_KEY]["batch_0"],
+                       teacher["batch_0"])
+
+
+def test_fedmkt_clients_add_the_weighted_distillation_loss(tmp_path: Path) -> None:
+    """With the teacher broadcast, a client's loss is its own plus client_weight times the KD
+    loss on the next public batch; at weight 0 it trains exactly as FedAvg's client."""
+    from fedfm.algorithms.fedavg import DeltaClient
+    from fedfm.core.update import Broadcast
+    from fedfm.efficiency.distillation.fedmkt import TeacherLoss
+
+    algorithm, workload = built(fedmkt_config(tmp_path))
+    client, server = algorithm.client, algorithm.server
+    base = workload.get_state()
+    server.aggregate(base, [ClientUpdate(0, random_delta(base, 3, 0.5), 10)], 1)
+    broadcast = Broadcast(base, server.broadcast_extras(base))
+
+    def update_of(procedure) -> OrderedDict:
+        workload.set_state(base)
+        ctx = workload.client_context(workload.data.clients[0].train, client_id=0, round=2,
+                                      seed=11)
+        return procedure.run(ctx, broadcast).update
+
+    plain = update_of(DeltaClient(workload.config.algorithm.local))
+    distilled = update_of(client)
+    assert distilled.metrics["kd_loss"] > 0
+    assert any(not torch.equal(plain.payload[k], distilled.payload[k]) for k in plain.payload)
+    client.cfg = client.cfg.model_copy(update={"client_weight": 0.0})
+    silent = update_of(client)
+    assert all(torch.equal(plain.payload[k], silent.payload[k]) for k in plain.payload)
+    # the loss itself: base + weight * KD of the next public batch
+    ctx = workload.client_context(workload.data.clients[0].train, client_id=0, round=2, seed=1)
+    weighted = TeacherLoss(server.batches, broadcast.extras[EXTRAS_KEY], ctx,
+                           client.cfg.model_copy(update={"client_weight": 0.5}))
+    batch = workload.collate_fn()(workload.data.clients[0].train[:4])
+    workload.model.eval()
+    with torch.no_grad():
+        total = weighted.loss(workload.model, batch)
+        own = workload.model(**batch).loss
+        kd = kd_loss(workload.model(**server.batches[0]).logits,
+                     broadcast.extras[EXTRAS_KEY]["batch_0"], server.batches[0]["attention_mask"],
+                     1.0)
+    assert torch.allclose(total, own + 0.5 * kd, atol=1e-6)
 
 
 def test_token_level_transfer_needs_one_vocabulary() -> None:
@@ -196,7 +248,7 @@ def test_token_level_transfer_needs_one_vocabulary() -> None:
 
 def test_fedmkt_on_a_causal_lm_with_a_shared_vocabulary(tmp_path: Path) -> None:
     public = {"path": str(DATA / "dolly_validation.jsonl"), "max_rows": 8}
-    cfg = config_from_dict(lm_config_dict(tmp_path, federation={"rounds": 1}, algorithm={
+    cfg = config_from_dict(lm_config_dict(tmp_path, federation={"rounds": 2}, algorithm={
         "name": "fedmkt", "distill": {"public": public, "steps": 2, "batch_size": 4,
                                       "server_model": {"name": "tiny-llama", "max_length": 96,
                                                        "config_overrides": {
@@ -204,8 +256,13 @@ def test_fedmkt_on_a_causal_lm_with_a_shared_vocabulary(tmp_path: Path) -> None:
                                                            "num_hidden_layers": 2}}}}))
     result = fedfm.run(cfg)
     record = next(r for r in result.metrics if "distill" in r)
-    assert record["distill"]["large_to_small"]["steps"] == 2
+    assert record["distill"]["small_to_large"]["steps"] == 2
     assert "perplexity" in record["distill"]["server_model"]
+    first, second = result.metrics[0], result.metrics[1]
+    assert all("kd_loss" not in c for c in first["clients"].values())
+    assert all(c["kd_loss"] > 0 for c in second["clients"].values())
+    # the token-level teacher (8 rows x tokens x 8192 bfloat16 logits) travels down
+    assert second["bytes_down"] > first["bytes_down"] + 2 * 8 * 8192
 
 
 @pytest.mark.parametrize(("changes", "message"), [

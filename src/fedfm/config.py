@@ -359,8 +359,9 @@ class DistillConfig(_Section):
     ``steps`` Adam steps (``lr``, ``batch_size``) to match the averaged, temperature-``T``
     softened logits of the round's client models. FedMKT (``algorithm.name: fedmkt``): the
     server also holds ``server_model`` (a larger model, with ``server_adapter`` or the run's
-    adapter); each round the clients' ensemble teaches it and it then teaches the global small
-    model, both through logits on the public data."""
+    adapter); each round the clients' ensemble teaches it (``server_steps``) on the public data,
+    and its logits there are broadcast: the clients train on their own loss plus
+    ``client_weight`` times the distillation loss towards them."""
 
     public: PublicDataConfig
     steps: int = Field(default=50, ge=1)
@@ -370,6 +371,7 @@ class DistillConfig(_Section):
     server_model: ModelConfig | None = None  # fedmkt: the large model the server holds
     server_adapter: AdapterConfig | None = None  # fedmkt: None: the run's adapter section
     server_steps: int | None = Field(default=None, ge=1)  # fedmkt: steps into the large model
+    client_weight: float = Field(default=1.0, ge=0.0)  # fedmkt: KD weight in the clients' loss
 
 
 class SplitConfig(_Section):

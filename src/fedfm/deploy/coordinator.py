@@ -98,6 +98,10 @@ def check_deployable(config: RunConfig) -> None:
     from fedfm.efficiency.split import check_split_deployable
 
     check_split_deployable(config)
+    if config.algorithm.name == "fedmkt":
+        raise ConfigError("invalid config: algorithm 'fedmkt' runs in simulation only so far: "
+                          "its clients distil the broadcast teacher logits on the public data, "
+                          "which the client agents do not load yet (feddf deploys)")
     if config.algorithm.name == "fedot":
         raise ConfigError("invalid config: algorithm 'fedot' runs in simulation only so far: "
                           "its clients train an emulator view of the simulator's full model "

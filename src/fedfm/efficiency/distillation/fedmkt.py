@@ -3,9 +3,14 @@
 Fan, Ma, Yang, Yang, Kang, Song, Chen & Yang, "FedMKT: Federated Mutual Knowledge Transfer for
 Large and Small Language Models", arXiv 2024 (COLING 2025). Clients fine-tune the small model
 (its adapter is the communicated State, FedAvg'd); the server also holds a large model
-(``distill.server_model``, with its own adapter). Each round, on the unlabeled public data, the
-clients' ensemble teaches the large model (small -> large), then the large model teaches the
-aggregated small model (large -> small), both through temperature-softened logits.
+(``distill.server_model``, with its own adapter). Knowledge moves both ways through logits on
+the unlabeled public data: small -> large, the server distils the round's client ensemble into
+the large model (``distill.server_steps`` Adam steps); large -> small, the large model's logits
+on the public data are broadcast and each client trains on its own loss plus
+``distill.client_weight`` times the distillation loss towards them (one public batch per local
+step), as FedMKT's clients do, so the private labels keep anchoring the small model while it
+learns from the large one. The first round has no teacher yet (the large model has learnt
+nothing), and its clients train as in FedAvg.
 
 Knowledge crosses between the models as logits, so they must agree on what a logit is:
 classification logits are over the run's label set whatever each tokenizer does (each model
@@ -18,30 +23,47 @@ the reason.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from fedfm.algorithms.fedavg import DeltaClient, build_delta_server
-from fedfm.config import AlgorithmConfig, ConfigError, DistillConfig
-from fedfm.core.algorithm import Algorithm, ServerRule, ServerWrapper
+from fedfm.algorithms.local_train import train_locally
+from fedfm.config import AlgorithmConfig, ConfigError, DistillConfig, LocalTrainingConfig
+from fedfm.core.algorithm import (
+    Algorithm,
+    ClientContext,
+    ClientResult,
+    ServerRule,
+    ServerWrapper,
+)
 from fedfm.core.registries import ALGORITHMS
 from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
-from fedfm.core.update import ClientUpdate
+from fedfm.core.update import Broadcast, ClientUpdate
 from fedfm.efficiency.distillation.feddf import (
     client_models,
-    trained_state,
     workload_view,
 )
-from fedfm.efficiency.distillation.kd import Batch, ModelView, distill, ensemble_logits
+from fedfm.efficiency.distillation.kd import (
+    Batch,
+    ModelView,
+    distill,
+    ensemble_logits,
+    kd_loss,
+)
 from fedfm.efficiency.distillation.public import (
     load_public_texts,
     public_batches,
     tokenize_public,
 )
+from fedfm.models.fused_loss import standard_loss
 
 STATE_KEY = "fedmkt_server_model"  # the large model's adapter, in the server's checkpoint
+EXTRAS_KEY = "fedmkt_teacher"  # broadcast: the large model's logits per public batch
 _SEED_STREAM = 104723
 
 
@@ -86,17 +108,79 @@ class ServerModel:
         self.same_tokens = workload.bundle.tokenizer.get_vocab() == bundle.tokenizer.get_vocab()
 
 
-class FedMKTServer(ServerWrapper):
-    """Aggregate, then small -> large and large -> small distillation on the public data."""
+class FedMKTClient:
+    """FedAvg's local training on ``loss + client_weight * KD(teacher)``, the teacher being the
+    large model's broadcast logits on the public batches."""
 
-    def __init__(self, inner: ServerRule, cfg: DistillConfig) -> None:
+    def __init__(self, local: LocalTrainingConfig, cfg: DistillConfig) -> None:
+        self.delta = DeltaClient(local)
+        self.local = local
+        self.cfg = cfg
+        self.batches: list[Batch] = []
+
+    def bind(self, batches: list[Batch]) -> None:
+        self.batches = batches
+
+    def run(self, ctx: ClientContext, broadcast: Broadcast) -> ClientResult:
+        teacher = broadcast.extras.get(EXTRAS_KEY)
+        kd = None
+        if teacher and self.cfg.client_weight > 0:
+            kd = TeacherLoss(self.batches, teacher, ctx, self.cfg)
+            ctx = dataclasses.replace(ctx, loss_fn=kd.loss)
+        result = self.delta.finish(ctx, broadcast, train_locally(ctx, self.local))
+        if kd is not None:
+            result.update.metrics["kd_loss"] = kd.mean()
+        return result
+
+
+class TeacherLoss:
+    """The client's loss plus the weighted distillation loss on the next public batch."""
+
+    def __init__(self, batches: list[Batch], teacher: State, ctx: ClientContext,
+                 cfg: DistillConfig) -> None:
+        if len(teacher) != len(batches):
+            raise ValueError(f"fedmkt: the broadcast holds {len(teacher)} teacher batches, the "
+                             f"client's public data {len(batches)}")
+        self.batches = batches
+        self.teacher = [teacher[teacher_key(i)] for i in range(len(batches))]
+        self.base = ctx.loss_fn or standard_loss
+        self.device = ctx.device
+        self.cfg = cfg
+        self.calls = 0
+        self.total = 0.0
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        index = self.calls % len(self.batches)
+        self.calls += 1
+        public = {k: v.to(self.device) for k, v in self.batches[index].items()}
+        student = model(**public).logits.float()
+        kd = kd_loss(student, self.teacher[index].to(self.device), public["attention_mask"],
+                     self.cfg.temperature)
+        self.total += float(kd.detach())
+        return self.base(model, batch) + self.cfg.client_weight * kd
+
+    def mean(self) -> float:
+        return self.total / max(self.calls, 1)
+
+
+def teacher_key(index: int) -> str:
+    return f"batch_{index}"
+
+
+class FedMKTServer(ServerWrapper):
+    """Aggregate as the inner rule does; distil the clients' ensemble into the large model and
+    broadcast the large model's logits on the public data."""
+
+    def __init__(self, inner: ServerRule, client: FedMKTClient, cfg: DistillConfig) -> None:
         super().__init__(inner)
+        self.client = client
         self.cfg = cfg
         self.small: ModelView | None = None
         self.large: ServerModel | None = None
         self.batches: list[Batch] = []
         self.workload: Any = None
         self.seed = 0
+        self.teacher: State = OrderedDict()
         self.last: dict[str, Any] = {}
 
     def bind_workload(self, workload: Any) -> None:
@@ -105,6 +189,7 @@ class FedMKTServer(ServerWrapper):
         self.workload = workload
         self.small = workload_view(workload)
         self.batches = workload_public_batches(workload, self.cfg)
+        self.client.bind(self.batches)
         self.large = ServerModel(workload, self.cfg)
         self.seed = int(workload.config.seed)
 
@@ -113,22 +198,30 @@ class FedMKTServer(ServerWrapper):
             raise RuntimeError("fedmkt: the server rule was never bound to a workload")
         return self.small, self.large
 
+    def broadcast_extras(self, global_state: State) -> dict[str, State]:
+        extras = dict(self.inner.broadcast_extras(global_state))
+        if self.teacher:
+            extras[EXTRAS_KEY] = self.teacher
+        return extras
+
     def aggregate(self, global_state: State, updates: list[ClientUpdate], round: int) -> State:
         aggregated = self.inner.aggregate(global_state, updates, round)
         small, large = self._bound()
-        cfg = self.cfg
-        seed = self.seed * _SEED_STREAM + round
         ensemble = ensemble_logits(small, client_models(global_state, updates), self.batches)
         to_large = distill(large.view, large.batches, ensemble,
-                           steps=cfg.server_steps or cfg.steps, lr=cfg.lr,
-                           temperature=cfg.temperature, seed=seed)
-        teacher = ensemble_logits(large.view, [large.get_state()], large.batches)
-        small.set_state(aggregated)
-        to_small = distill(small, self.batches, teacher, steps=cfg.steps, lr=cfg.lr,
-                           temperature=cfg.temperature, seed=seed + 1)
-        self.last = {"small_to_large": to_large, "large_to_small": to_small,
-                     **self._server_model_metrics()}
-        return trained_state(small, aggregated)
+                           steps=self.cfg.server_steps or self.cfg.steps, lr=self.cfg.lr,
+                           temperature=self.cfg.temperature,
+                           seed=self.seed * _SEED_STREAM + round)
+        self.teacher = self._teacher()
+        self.last = {"small_to_large": to_large, **self._server_model_metrics()}
+        return aggregated
+
+    def _teacher(self) -> State:
+        """The large model's logits on the public batches, as the clients will read them
+        (token-level logits travel as bfloat16, label logits as float32)."""
+        _, large = self._bound()
+        logits = ensemble_logits(large.view, [large.get_state()], large.batches)
+        return OrderedDict((teacher_key(i), value.contiguous()) for i, value in enumerate(logits))
 
     def _server_model_metrics(self) -> dict[str, Any]:
         """The large model on the global validation set, when it reads the clients'
@@ -163,6 +256,7 @@ class FedMKTServer(ServerWrapper):
         if STATE_KEY in states:
             _, large = self._bound()
             large.view.set_state(states[STATE_KEY])
+            self.teacher = self._teacher()
 
 
 @ALGORITHMS.register("fedmkt", MethodInfo(
@@ -176,6 +270,7 @@ class FedMKTServer(ServerWrapper):
 def build_fedmkt(cfg: AlgorithmConfig, num_clients: int) -> Algorithm:
     if cfg.distill is None or cfg.distill.server_model is None:
         raise ValueError("algorithm 'fedmkt' needs algorithm.distill.server_model")
-    return Algorithm(name="fedmkt", client=DeltaClient(cfg.local),
-                     server=FedMKTServer(build_delta_server(cfg), cfg.distill),
+    client = FedMKTClient(cfg.local, cfg.distill)
+    return Algorithm(name="fedmkt", client=client,
+                     server=FedMKTServer(build_delta_server(cfg), client, cfg.distill),
                      info={"distill_steps": cfg.distill.steps})
