@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fedfm.config import RunConfig, config_from_dict
 
@@ -22,6 +23,16 @@ DATA = ROOT / "examples" / "data"
 
 SMALL_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 4}
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that builds a workload in process with ``runtime.num_threads`` (the deploy tests'
+    coordinator: 1) must not leave every later test on that many threads."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
