@@ -10,7 +10,6 @@ needs the public data, and nothing more travels.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 from fedfm.algorithms.fedavg import DeltaClient, build_delta_server
@@ -27,6 +26,7 @@ from fedfm.efficiency.distillation.public import (
     public_batches,
     tokenize_public,
 )
+from fedfm.models import get_state
 
 _SEED_STREAM = 7919  # keeps the distillation batch order apart from the clients' streams
 
@@ -43,13 +43,6 @@ def workload_public_batches(workload: Any, cfg: DistillConfig) -> list[Batch]:
     rows = tokenize_public(texts, workload.bundle.tokenizer, task=workload.bundle.task,
                            max_length=config.model.max_length)
     return public_batches(rows, cfg.batch_size, workload.pad_token_id)
-
-
-def trained_state(view: ModelView, like: State) -> State:
-    """The model's current values of ``like``'s tensors (CPU copies, same order)."""
-    params = dict(view.model.named_parameters())
-    return OrderedDict((name, params[name].detach().to("cpu", copy=True).contiguous())
-                       for name in like)
 
 
 def client_models(global_state: State, updates: list[ClientUpdate]) -> list[State]:
@@ -90,7 +83,7 @@ class FedDFServer(ServerWrapper):
         self.last = distill(view, self.batches, teacher, steps=self.cfg.steps, lr=self.cfg.lr,
                             temperature=self.cfg.temperature,
                             seed=self.seed * _SEED_STREAM + round)
-        return trained_state(view, aggregated)
+        return get_state(view.model)
 
     def round_metrics(self) -> dict[str, Any]:
         inner = getattr(self.inner, "round_metrics", None)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fedfm.config import DataConfig, PublicDataConfig
-from fedfm.data.formats import encode, render_prompt
+from fedfm.data.formats import InstructionItem, encode, render_prompt
 from fedfm.data.sources import DataError, read_rows
 
 PublicText = tuple[str, str | None]  # (text, pair text or None)
@@ -40,8 +40,6 @@ def _row_text(row: dict[str, Any], where: str, cfg: PublicDataConfig, data: Data
                 else None)
         return _field(row, data.text_field, where, source), pair
     if data.format == "instruction":
-        from fedfm.data.formats import InstructionItem
-
         fields = data.instruction_fields
         item = InstructionItem(_field(row, fields.instruction, where, source),
                                _first(row, fields.input), _first(row, fields.output))
