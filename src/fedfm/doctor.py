@@ -49,7 +49,7 @@ def devices() -> dict[str, Any]:
     found: dict[str, Any] = {
         "cpu": {"threads": torch.get_num_threads(), "cores": os.cpu_count(),
                 "capability": torch.backends.cpu.get_cpu_capability(),
-                "amx_bf16": _has_amx()},
+                "amx_bf16": _has_amx(), "native_bf16": cpu_has_native_bf16()},
         "cuda": {"available": torch.cuda.is_available()},
     }
     if torch.cuda.is_available():
@@ -62,12 +62,24 @@ def devices() -> dict[str, Any]:
     return found
 
 
-def _has_amx() -> bool | None:
+def _cpu_flags() -> set[str] | None:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return "amx_bf16" in handle.read()
+            return set(handle.read().split())
     except OSError:
         return None
+
+
+def _has_amx() -> bool | None:
+    flags = _cpu_flags()
+    return None if flags is None else "amx_bf16" in flags
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (AMX or AVX-512 BF16); elsewhere
+    torch emulates them, correctly but several times slower than fp32."""
+    flags = _cpu_flags() or set()
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
 def reachability(timeout: float = 3.0) -> dict[str, Any]:
