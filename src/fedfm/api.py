@@ -74,6 +74,7 @@ class RunResult:
 
 def _register_components() -> None:
     """Importing these packages fills the registries."""
+    import fedfm.adaptability  # noqa: F401
     import fedfm.algorithms  # noqa: F401
     import fedfm.efficiency  # noqa: F401
     import fedfm.runtime  # noqa: F401
@@ -574,6 +575,8 @@ def build_summary(config: RunConfig, run_dir: RunDirectory, final: LoopSnapshot,
     last_eval = next((r["eval"] for r in reversed(metrics) if "eval" in r), {})
     final_metrics = {f"val_{k}": v for k, v in last_eval.get("global", {}).items()}
     final_metrics.update({f"clients_{k}": v for k, v in last_eval.get("fairness", {}).items()})
+    final_metrics.update({f"personal_{k}": v
+                          for k, v in last_eval.get("personalized_fairness", {}).items()})
     trainable, total = count_parameters(workload.model)
     return {
         "name": config.name,

@@ -70,6 +70,7 @@ class CatalogueEntry:
 
 def registries() -> list[Registry[Any]]:
     """Every registry whose components the catalogue lists (filled by importing fedfm)."""
+    import fedfm.adaptability  # noqa: F401  (registers personalization, clustering, ...)
     import fedfm.algorithms  # noqa: F401  (registers algorithms, server optimizers, ...)
     import fedfm.efficiency  # noqa: F401  (registers compressors)
     import fedfm.models  # noqa: F401  (registers adapters)

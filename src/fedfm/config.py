@@ -129,6 +129,9 @@ class DataConfig(_Section):
     messages_field: str = "messages"
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     client_validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # a column naming a known grouping (domain, language, category): each client's group is
+    # its most common value (multi-domain adapters, cluster purity)
+    group_by: str | None = None
 
 
 # --------------------------------------------------------------------------- federation
@@ -395,6 +398,57 @@ class OffsiteConfig(_Section):
     top: int = Field(default=1, ge=1)
 
 
+class PersonalConfig(_Section):
+    """Personalization (``fedfm.adaptability.personalization``). FedPer / FedRep
+    (``algorithm.name: fedper | fedrep``): the tensors whose names contain one of ``head``
+    (None: the task head, e.g. ``classifier`` / ``score``) stay on each client; FedRep first
+    trains the head alone for ``head_steps`` steps, then the body with the head frozen. Ditto
+    (``ditto``): beside the federated model each client trains a personal one for
+    ``personal_steps`` steps (None: ``algorithm.local`` steps) on its loss plus
+    ``lam``/2 ||personal - global||^2. Dual adapters (``dual_lora``): a second, local LoRA
+    adapter of rank ``personal_r`` (None: ``adapter.r``) is active beside the federated one."""
+
+    head: list[str] | None = None
+    head_steps: int = Field(default=5, ge=1)
+    lam: float = Field(default=0.1, ge=0.0)
+    personal_steps: int | None = Field(default=None, ge=1)
+    personal_r: int | None = Field(default=None, ge=1)
+
+
+class ClusterConfig(_Section):
+    """Clustered federated learning (``fedfm.adaptability.clustering``). IFCA
+    (``algorithm.name: ifca``): ``k`` cluster models; each client takes the one with the lowest
+    loss on its training data. CFL (``cfl``): one cluster to start; a cluster whose mean update
+    norm is below ``eps1`` while its largest client update norm is above ``eps2`` is split in
+    two by the cosine similarity of its clients' updates, up to ``max_clusters``."""
+
+    k: int = Field(default=2, ge=1)
+    eps1: float = Field(default=0.4, ge=0.0)
+    eps2: float = Field(default=1.6, ge=0.0)
+    max_clusters: int = Field(default=8, ge=1)
+    min_cluster_size: int = Field(default=2, ge=1)  # CFL never splits off fewer clients
+
+
+class DomainConfig(_Section):
+    """Multi-domain adaptation (``algorithm.name: domain_lora``;
+    ``fedfm.adaptability.domains``): every client trains a shared LoRA adapter, averaged over
+    all clients, and the adapter of its domain (its ``data.group_by`` value), averaged over
+    that domain's clients. ``router``: instead of the client's own domain adapter, a learned
+    softmax gate mixes all domain adapters per input."""
+
+    router: bool = False
+
+
+class DPOConfig(_Section):
+    """Direct Preference Optimization (``algorithm.name: fed_dpo``;
+    ``fedfm.adaptability.preference``): loss -log sigma(beta * margin) on prompt / chosen /
+    rejected pairs, with the base model (adapter disabled) as the frozen reference;
+    ``label_smoothing`` is the conservative-DPO flip probability."""
+
+    beta: float = Field(default=0.1, gt=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+
+
 class AlgorithmConfig(_Section):
     """How clients learn: the client procedure and the server rule, found by name."""
 
@@ -412,6 +466,10 @@ class AlgorithmConfig(_Section):
     distill: DistillConfig | None = None  # feddf / fedmkt
     split: SplitConfig = Field(default_factory=SplitConfig)
     offsite: OffsiteConfig = Field(default_factory=OffsiteConfig)
+    personal: PersonalConfig = Field(default_factory=PersonalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    domains: DomainConfig = Field(default_factory=DomainConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
 
     @model_validator(mode="after")
     def _zeroth_order_is_plain_sgd(self) -> AlgorithmConfig:
@@ -503,6 +561,9 @@ class EvalConfig(_Section):
     max_examples: int | None = Field(default=None, ge=1)  # cap on the global validation set
     generation: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
     canaries: CanaryConfig | None = None  # plant secrets to measure memorization (exposure)
+    # > 0: personalized metrics also fine-tune each client's model this many local steps on
+    # its own training split first (local fine-tuning after federation)
+    finetune_steps: int = Field(default=0, ge=0)
 
 
 class TrackingConfig(_Section):

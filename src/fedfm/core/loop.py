@@ -87,7 +87,10 @@ class ClientOutcome:
 @dataclass
 class EvalReport:
     global_metrics: dict[str, float] = field(default_factory=dict)
-    per_client: dict[int, dict[str, float]] = field(default_factory=dict)
+    per_client: dict[int, dict[str, float]] = field(default_factory=dict)  # the global model
+    # each client's own model (personal state, cluster, domain adapter, local fine-tuning) on
+    # its own validation split; empty when the algorithm keeps nothing personal
+    personalized: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 class Runtime(Protocol):
@@ -99,12 +102,16 @@ class Runtime(Protocol):
     it arrives (updates that live on disk are then read once).
 
     A server rule may have ``decode_update(update, global_state) -> ClientUpdate`` (compressed
-    uploads); the loop calls it before validating an update, and a ValueError rejects it."""
+    uploads); the loop calls it before validating an update, and a ValueError rejects it.
+    It may have ``evaluation_extras(global_state) -> dict[str, State]``: named States (cluster
+    models, domain adapters) that the client half's ``personal_state(global_state,
+    client_state, extras)`` needs to build each client's own model for evaluation."""
 
     def run_clients(self, client_ids: list[int], broadcast: Broadcast,
                     round: int) -> Iterator[ClientOutcome]: ...
 
-    def evaluate(self, global_state: State, *, round: int, per_client: bool) -> EvalReport: ...
+    def evaluate(self, global_state: State, *, round: int, per_client: bool,
+                 extras: Mapping[str, State] | None = None) -> EvalReport: ...
 
     def close(self) -> None: ...
 
@@ -281,13 +288,21 @@ class RoundLoop:
         return round_index % self.settings.eval_every == 0 or round_index == self.settings.rounds
 
     def _evaluate(self, global_state: State, round_index: int) -> dict[str, Any]:
-        report = self.runtime.evaluate(global_state, round=round_index,
-                                       per_client=self.settings.per_client_eval)
+        # a server rule that keeps more than one model (cluster models, domain adapters) hands
+        # them to the clients' personal models through ``evaluation_extras``
+        extras_of = getattr(self.server, "evaluation_extras", None)
+        report = self.runtime.evaluate(
+            global_state, round=round_index, per_client=self.settings.per_client_eval,
+            extras=extras_of(global_state) if extras_of is not None else None)
         result: dict[str, Any] = {"global": report.global_metrics}
         if report.per_client:
             result["per_client"] = {str(k): v for k, v in sorted(report.per_client.items())}
             if self.fairness is not None:
                 result["fairness"] = self.fairness(report.per_client)
+        if report.personalized:
+            result["personalized"] = {str(k): v for k, v in sorted(report.personalized.items())}
+            if self.fairness is not None:
+                result["personalized_fairness"] = self.fairness(report.personalized)
         return result
 
     def _round_record(self, round_index: int, selected: list[int],

@@ -60,6 +60,7 @@ class ClientData:
     client_id: int
     train: list[dict[str, Any]]  # tokenized examples
     validation: list[dict[str, Any]]  # per-client held-out split
+    group: str | None = None  # most common ``data.group_by`` value of its training rows
 
 
 @dataclass
@@ -101,9 +102,9 @@ def _required_columns(cfg: DataConfig) -> tuple[str, ...]:
         raise DataError(f"partition.kind={cfg.partition.kind!r} needs a column: set "
                          f"data.partition.by (e.g. by: category) for data.format="
                          f"{cfg.format!r}")
-    if column is None or (cfg.format == "classification" and column == cfg.label_field):
-        return ()
-    return (column,)
+    needed = [c for c in (column, cfg.group_by) if c is not None
+              and not (cfg.format == "classification" and c == cfg.label_field)]
+    return tuple(dict.fromkeys(needed))
 
 
 # --------------------------------------------------------------------------- loading
@@ -112,7 +113,8 @@ def _required_columns(cfg: DataConfig) -> tuple[str, ...]:
 def _load_sources(cfg: DataConfig, columns: Sequence[str] = ()
                   ) -> tuple[Records, Records | None, LabelSpace | None]:
     train = load_records(cfg.path, cfg, columns=columns, max_rows=cfg.max_rows)
-    val = load_records(cfg.validation_path, cfg) if cfg.validation_path else None
+    group = () if cfg.group_by is None else (cfg.group_by,)
+    val = load_records(cfg.validation_path, cfg, columns=group) if cfg.validation_path else None
     if cfg.format != "classification":
         return train, val, None
     labels = [item.label for item in train.items] + ([item.label for item in val.items]
@@ -259,9 +261,11 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, tokenizer: Any, t
     tokenized = tokenize_records(plan.train, tokenizer, **options)
     dropped: Counter[str] = Counter(tokenized.dropped)
     by_row = tokenized.examples
+    _tag_groups(by_row, plan.train, cfg)
     if plan.val is not None:
         val_tok = tokenize_records(plan.val.subset(plan.global_val_rows), tokenizer,
                                    rows=plan.global_val_rows, **options)
+        _tag_groups(val_tok.examples, plan.val, cfg)
         global_val = [e for e in val_tok.examples if e is not None]
         dropped.update({f"{k} (global validation file)": v for k, v in val_tok.dropped.items()})
     else:
@@ -276,11 +280,29 @@ def build_federated_data(cfg: DataConfig, *, num_clients: int, tokenizer: Any, t
                 f"client {client} has no training examples left: its {len(train_rows)} rows "
                 f"had no supervised token within max_length={max_length}; raise max_length"
             )
-        clients.append(ClientData(client, train, val))
+        clients.append(ClientData(client, train, val, _majority_group(train)))
         sizes.append(([e["row"] for e in train], len(val)))
     stats = _stats(plan, cfg, task, sizes, len(global_val), dropped)
     names = list(plan.space.names) if plan.space is not None else None
     return FederatedData(clients, global_val, names, len(names) if names else None, task, stats)
+
+
+def _tag_groups(examples: list[dict[str, Any] | None], records: Records, cfg: DataConfig
+                ) -> None:
+    """Each example's ``group``: its row's ``data.group_by`` value, as a string."""
+    if cfg.group_by is None:
+        return
+    for example in examples:
+        if example is not None:
+            example["group"] = str(records.rows[example["row"]][cfg.group_by])
+
+
+def _majority_group(examples: list[dict[str, Any]]) -> str | None:
+    """The most common group (ties: the smallest value), or None without groups."""
+    counts = Counter(e["group"] for e in examples if "group" in e)
+    if not counts:
+        return None
+    return min(counts, key=lambda g: (-counts[g], g))
 
 
 # --------------------------------------------------------------------------- batching

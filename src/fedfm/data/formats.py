@@ -198,7 +198,7 @@ def _check_columns(row: dict[str, Any], where: str, columns: Sequence[str]) -> N
     for column in columns:
         if row.get(column) is None:
             raise RowError(where, "missing field",
-                           f"missing field {column!r} (the partition column)")
+                           f"missing field {column!r} (the partition or group_by column)")
 
 
 def load_records(path: str, cfg: DataConfig, *, columns: Sequence[str] = (),

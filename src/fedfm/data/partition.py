@@ -153,20 +153,31 @@ def dirichlet_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: P
     "one client per value of a column (author, category, language)"))
 def natural_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: PartitionConfig
                       ) -> list[list[int]]:
-    """Client ``i`` holds the rows whose column value is the ``i``-th distinct value (sorted)."""
+    """Client ``i`` holds the rows whose column value is the ``i``-th distinct value (sorted).
+    With ``num_clients = m x`` the number of values, each value's rows are dealt at random to
+    ``m`` clients (clients ``v*m .. v*m+m-1`` hold value ``v``): several clients per domain."""
     codes, values = encode_keys(keys)
-    if len(values) != num_clients:
+    if len(values) == 0 or num_clients % len(values) != 0:
         shown = ", ".join(repr(v) for v in values[:12]) + (", ..." if len(values) > 12 else "")
         raise PartitionError(
             f"natural partition by {cfg.by!r}: the column has {len(values)} distinct values "
             f"({shown}) but num_clients={num_clients}; set federation.num_clients to "
-            f"{len(values)}"
+            f"{len(values)} (one client per value) or a multiple of it"
         )
-    parts = [np.flatnonzero(codes == c) for c in range(len(values))]
-    for value, part in zip(values, parts, strict=True):
-        if len(part) < cfg.min_size:
+    per_value = num_clients // len(values)
+    rng = np.random.default_rng([seed, 7])
+    parts: list[np.ndarray] = []
+    for code, value in enumerate(values):
+        rows = np.flatnonzero(codes == code)
+        if len(rows) < cfg.min_size * per_value:
             raise PartitionError(f"natural partition by {cfg.by!r}: value {value!r} has "
-                                 f"{len(part)} rows, fewer than min_size={cfg.min_size}")
+                                 f"{len(rows)} rows, fewer than min_size={cfg.min_size} for "
+                                 f"each of its {per_value} clients")
+        if per_value == 1:
+            parts.append(rows)
+            continue
+        shuffled = rows[rng.permutation(len(rows))]
+        parts.extend(np.sort(chunk) for chunk in np.array_split(shuffled, per_value))
     return _finish(parts)
 
 

@@ -23,7 +23,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -705,7 +705,8 @@ class RemoteRuntime:
         return ClientOutcome(task.client_id, update, wall_time=record.wall_time,
                              bytes_up=record.num_bytes)
 
-    def evaluate(self, global_state: State, *, round: int, per_client: bool) -> EvalReport:
+    def evaluate(self, global_state: State, *, round: int, per_client: bool,
+                 extras: Mapping[str, State] | None = None) -> EvalReport:
         """Global metrics on the coordinator's validation set (``data.validation_path``, when
         the coordinator has it); per-client metrics as the clients measured them on their own
         validation split, with the global model they received this round."""

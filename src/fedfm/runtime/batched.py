@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -270,8 +270,10 @@ class BatchedRuntime:
             for wrapper in wrappers:
                 wrapper.leaves = []
 
-    def evaluate(self, global_state: State, *, round: int, per_client: bool) -> EvalReport:
-        return self.local.evaluate(global_state, round=round, per_client=per_client)
+    def evaluate(self, global_state: State, *, round: int, per_client: bool,
+                 extras: Mapping[str, State] | None = None) -> EvalReport:
+        return self.local.evaluate(global_state, round=round, per_client=per_client,
+                                   extras=extras)
 
     def close(self) -> None:
         return None

@@ -10,9 +10,9 @@ bytes up (the serialized payload size) are recorded; the loop adds bytes down.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
-from fedfm.core.algorithm import ClientContext
+from fedfm.core.algorithm import ClientContext, ClientProcedure
 from fedfm.core.client_store import ClientStore
 from fedfm.core.loop import ClientOutcome, EvalReport, derive_seed
 from fedfm.core.registries import RUNTIMES
@@ -51,11 +51,25 @@ class LocalRuntime:
                                 bytes_up=result.update.num_bytes(),
                                 client_state=result.client_state)
 
-    def evaluate(self, global_state: State, *, round: int, per_client: bool) -> EvalReport:
-        personalize = getattr(self.workload.client, "personal_state", None)
-        personal = None if personalize is None else (
-            lambda client_id: personalize(global_state, self.client_store.get(client_id)))
-        return self.workload.evaluate(global_state, per_client=per_client, personal=personal)
+    def evaluate(self, global_state: State, *, round: int, per_client: bool,
+                 extras: Mapping[str, State] | None = None) -> EvalReport:
+        return self.workload.evaluate(
+            global_state, per_client=per_client,
+            personal=personal_models(self.workload.client, global_state, self.client_store,
+                                     extras),
+            round=round)
 
     def close(self) -> None:
         return None
+
+
+def personal_models(client: ClientProcedure, global_state: State, store: ClientStore,
+                    extras: Mapping[str, State] | None) -> Callable[[int], State] | None:
+    """Each client's own model (``client.personal_state``), or None when the algorithm keeps
+    nothing personal. ``personal_state(global_state, client_state, extras)``: ``extras`` are
+    the server's ``evaluation_extras`` (cluster models, domain adapters), ``{}`` without."""
+    personalize = getattr(client, "personal_state", None)
+    if personalize is None:
+        return None
+    shared = dict(extras or {})
+    return lambda client_id: personalize(global_state, store.get(client_id), shared)

@@ -34,6 +34,9 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+_FINETUNE_STREAM = 11  # keeps evaluation fine-tuning seeds apart from the clients' own
+
+
 @dataclass
 class Workload:
     bundle: ModelBundle
@@ -79,10 +82,12 @@ class Workload:
         set_state(self.model, state)
 
     def evaluate(self, global_state: State, *, per_client: bool,
-                 personal: Callable[[int], State] | None = None) -> EvalReport:
-        """Global metrics on the global validation set; per-client metrics on each client's
-        own validation split, with the global model, or with ``personal(client_id)`` when the
-        algorithm keeps part of each client's model local (FedSA-LoRA's B)."""
+                 personal: Callable[[int], State] | None = None, round: int = 0) -> EvalReport:
+        """Global metrics on the global validation set; per-client metrics of the global model
+        on each client's own validation split; and, when the algorithm keeps a personal model
+        (``personal(client_id)``: FedSA-LoRA's B, a personal head, a cluster model) or
+        ``eval.finetune_steps`` is set, personalized metrics of each client's own model on
+        the same split (after that many local fine-tuning steps on its training data)."""
         self.set_state(global_state)
         eval_cfg = self.config.eval
         examples = self.data.global_validation
@@ -93,16 +98,39 @@ class Workload:
             report.global_metrics.update(self._generation_metrics(examples, eval_cfg))
         if self.backdoor_eval:
             report.global_metrics["attack_success_rate"] = self._attack_success(eval_cfg)
-        if per_client:
+        if not per_client:
+            return report
+        for client in self.data.clients:
+            if client.validation:
+                report.per_client[client.client_id] = self._evaluate_views(
+                    client.validation, eval_cfg)
+        if personal is not None or eval_cfg.finetune_steps > 0:
             for client in self.data.clients:
                 if client.validation:
-                    if personal is not None:
-                        self.set_state(personal(client.client_id))
-                    report.per_client[client.client_id] = self._evaluate_views(
+                    own = personal(client.client_id) if personal is not None else global_state
+                    self.set_state(self._finetuned(own, client, round))
+                    report.personalized[client.client_id] = self._evaluate_views(
                         client.validation, eval_cfg)
-            if personal is not None:
-                self.set_state(global_state)
+            self.set_state(global_state)
         return report
+
+    def _finetuned(self, state: State, client: Any, round: int) -> State:
+        """``state`` after ``eval.finetune_steps`` local steps on the client's training data
+        (``algorithm.local``'s optimizer and batch size), seeded by (run seed, round, client);
+        ``state`` itself when no fine-tuning is asked for."""
+        steps = self.config.eval.finetune_steps
+        if steps == 0:
+            return state
+        from fedfm.algorithms.local_train import train_locally
+        from fedfm.core.loop import derive_seed
+
+        self.set_state(state)
+        local = self.config.algorithm.local.model_copy(update={"steps": steps, "epochs": None})
+        ctx = self.client_context(client.train, client_id=client.client_id, round=round,
+                                  seed=derive_seed(self.config.seed, round, client.client_id,
+                                                   _FINETUNE_STREAM))
+        train_locally(ctx, local)
+        return self.get_state()
 
     def evaluate_examples(self, state: Mapping[str, torch.Tensor],
                           examples: list[dict[str, Any]]) -> dict[str, float]:

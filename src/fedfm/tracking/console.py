@@ -35,10 +35,11 @@ def headline_metrics(record: dict[str, Any]) -> dict[str, float]:
     for key in ("loss", "perplexity", "accuracy", "macro_f1", "rouge_l"):
         if key in global_eval:
             shown[f"val_{key}"] = global_eval[key]
-    fairness = record.get("eval", {}).get("fairness", {})
-    for key, value in fairness.items():
-        if key.endswith("_worst10"):
-            shown[f"clients_{key}"] = value
+    for section, prefix in (("fairness", "clients"), ("personalized_fairness", "personal")):
+        for key, value in record.get("eval", {}).get(section, {}).items():
+            if key.endswith(("_mean", "_worst10")) and (prefix == "personal"
+                                                         or key.endswith("_worst10")):
+                shown[f"{prefix}_{key}"] = value
     return shown
 
 

@@ -53,6 +53,8 @@ class RunRecord:
                 found = {"round": int(record["round"]), **record["eval"].get("global", {})}
                 for key, value in record["eval"].get("fairness", {}).items():
                     found[f"clients_{key}"] = value
+                for key, value in record["eval"].get("personalized_fairness", {}).items():
+                    found[f"personal_{key}"] = value
                 return found
         return {}
 

@@ -12,6 +12,7 @@ the shared part alone.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 
@@ -35,7 +36,8 @@ class FedSAClient:
     def __init__(self, inner: DeltaClient) -> None:
         self.inner = inner
 
-    def personal_state(self, global_state: State, client_state: ClientState | None) -> State:
+    def personal_state(self, global_state: State, client_state: ClientState | None,
+                       extras: Mapping[str, State] | None = None) -> State:
         """The global State with this client's own B (the model it really uses)."""
         own = (client_state or {}).get(STATE_KEY)
         if own is None:

@@ -1,0 +1,1 @@
+"""Adaptability: clustering (being built)."""

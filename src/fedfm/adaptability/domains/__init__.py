@@ -1,0 +1,1 @@
+"""Adaptability: domains (being built)."""

@@ -1,0 +1,1 @@
+"""Adaptability: personalization (being built)."""

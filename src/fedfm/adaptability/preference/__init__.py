@@ -1,0 +1,1 @@
+"""Adaptability: preference (being built)."""
