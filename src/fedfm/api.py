@@ -84,11 +84,13 @@ def _register_components() -> None:
 def check_components(config: RunConfig) -> None:
     """Reject unknown component names before any model or data is loaded."""
     _register_components()
-    if config.data.format == "preference":
+    preference = config.data.format == "preference"
+    if preference != (config.algorithm.name == "fed_dpo"):
         raise ConfigError(
-            "invalid config: data.format: 'preference' data is loaded and validated "
-            "(fedfm data stats) but training on it (federated DPO) is not available yet; "
-            "use instruction, chat or classification")
+            "invalid config: data.format 'preference' (prompt / chosen / rejected pairs) "
+            "trains with algorithm.name 'fed_dpo' and fed_dpo needs preference data; got "
+            f"data.format {config.data.format!r} with algorithm.name "
+            f"{config.algorithm.name!r}")
     _check_task(config)
     from fedfm.tracking.sinks import check_sink_packages
 
