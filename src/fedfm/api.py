@@ -314,7 +314,7 @@ def build_client_store(config: RunConfig, run_dir: Path | None) -> ClientStore:
 def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
     """Load the model, apply the adapter, build the federated data (one per process)."""
     from fedfm.data import build_federated_data, load_label_info
-    from fedfm.models import apply_adapter, load_model
+    from fedfm.models import load_model
     from fedfm.runtime.fast import prepare_fast_path
     from fedfm.runtime.workload import Workload, resolve_device
 
@@ -324,9 +324,8 @@ def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
     label_names, num_labels = (None, None)
     if config.data.format == "classification":
         label_names, num_labels = load_label_info(config.data)
-    bundle = load_model(config.model, seed=config.seed, num_labels=num_labels)
-    bundle = apply_adapter(bundle, config.adapter, seed=config.seed)
-    freeze_parameters(bundle.model, algorithm.info.get("frozen_parameters"))
+    bundle = adapt_model(load_model(config.model, seed=config.seed, num_labels=num_labels),
+                         config, algorithm)
     bundle.model.to(device)
     data = build_federated_data(config.data, num_clients=config.federation.num_clients,
                                 tokenizer=bundle.tokenizer, task=bundle.task,
@@ -348,6 +347,20 @@ def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
     if bind is not None:
         bind(workload)
     return workload
+
+
+def adapt_model(bundle: Any, config: RunConfig, algorithm: Algorithm) -> Any:
+    """The run's adapter on the loaded model, then what the algorithm's client half adds to
+    it (``prepare_model(bundle, config) -> bundle``: a second, local adapter; domain
+    adapters), then the parameters the algorithm freezes."""
+    from fedfm.models import apply_adapter
+
+    bundle = apply_adapter(bundle, config.adapter, seed=config.seed)
+    prepare = getattr(algorithm.client, "prepare_model", None)
+    if prepare is not None:
+        bundle = prepare(bundle, config)
+    freeze_parameters(bundle.model, algorithm.info.get("frozen_parameters"))
+    return bundle
 
 
 def freeze_parameters(model: torch.nn.Module, marker: str | None) -> None:

@@ -727,9 +727,9 @@ def build_server_workload(config: RunConfig, algorithm: Any) -> Any:
     ``data.validation_path`` when that file is on the coordinator, else none."""
     import torch
 
-    from fedfm.api import _bind_root_data, freeze_parameters
+    from fedfm.api import _bind_root_data, adapt_model
     from fedfm.data import FederatedData, build_federated_data, load_label_info
-    from fedfm.models import apply_adapter, load_model
+    from fedfm.models import load_model
     from fedfm.runtime.workload import Workload, resolve_device
 
     if config.runtime.num_threads is not None:
@@ -742,9 +742,8 @@ def build_server_workload(config: RunConfig, algorithm: Any) -> Any:
         source = config.data if not has_validation else config.data.model_copy(
             update={"path": validation_path})
         label_names, num_labels = load_label_info(source)
-    bundle = load_model(config.model, seed=config.seed, num_labels=num_labels)
-    bundle = apply_adapter(bundle, config.adapter, seed=config.seed)
-    freeze_parameters(bundle.model, algorithm.info.get("frozen_parameters"))
+    bundle = adapt_model(load_model(config.model, seed=config.seed, num_labels=num_labels),
+                         config, algorithm)
     bundle.model.to(device)
     validation: list[dict[str, Any]] = []
     if has_validation:
