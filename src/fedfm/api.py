@@ -112,6 +112,7 @@ def check_components(config: RunConfig) -> None:
     _check_lora_algorithm(config)
     _check_fedkseed(config)
     _check_fedbpt(config)
+    from fedfm.adaptability.personalization import check_personalization
     from fedfm.efficiency.distillation import check_distillation
     from fedfm.efficiency.split import check_split
     from fedfm.trust.ip.offsite import check_offsite
@@ -119,6 +120,7 @@ def check_components(config: RunConfig) -> None:
     check_distillation(config)
     check_split(config)
     check_offsite(config)
+    check_personalization(config)
 
 
 def _check_fedbpt(config: RunConfig) -> None:
