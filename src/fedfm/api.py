@@ -4,6 +4,7 @@ a config into components (the one place where that happens)."""
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -506,6 +507,9 @@ def _restore(run_dir: RunDirectory, algorithm: Algorithm, store: ClientStore,
     checkpoint = load_checkpoint(checkpoint_path)
     state_ops.check_compatible(initial.global_state, checkpoint.snapshot.global_state,
                                what=f"checkpoint {checkpoint_path}")
+    # safetensors returns keys sorted: put them back in the model's order, as a run keeps them
+    checkpoint.snapshot.global_state = OrderedDict(
+        (key, checkpoint.snapshot.global_state[key]) for key in initial.global_state)
     algorithm.server.load_state_dict(checkpoint.snapshot.server_state)
     restore_client_states(store, checkpoint_path)
     restore_rng(checkpoint.rng_tensors, checkpoint.rng_meta)

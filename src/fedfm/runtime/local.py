@@ -9,6 +9,7 @@ bytes up (the serialized payload size) are recorded; the loop adds bytes down.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -56,7 +57,7 @@ class LocalRuntime:
         return self.workload.evaluate(
             global_state, per_client=per_client,
             personal=personal_models(self.workload.client, global_state, self.client_store,
-                                     extras),
+                                     extras, context=lambda cid: self.client_context(cid, round)),
             round=round)
 
     def close(self) -> None:
@@ -64,12 +65,19 @@ class LocalRuntime:
 
 
 def personal_models(client: ClientProcedure, global_state: State, store: ClientStore,
-                    extras: Mapping[str, State] | None) -> Callable[[int], State] | None:
+                    extras: Mapping[str, State] | None,
+                    context: Callable[[int], ClientContext] | None = None
+                    ) -> Callable[[int], State] | None:
     """Each client's own model (``client.personal_state``), or None when the algorithm keeps
     nothing personal. ``personal_state(global_state, client_state, extras)``: ``extras`` are
-    the server's ``evaluation_extras`` (cluster models, domain adapters), ``{}`` without."""
+    the server's ``evaluation_extras`` (cluster models, domain adapters), ``{}`` without; a
+    ``personal_state`` with a ``ctx`` parameter also gets the client's context (IFCA picks its
+    cluster by the loss on the client's training data)."""
     personalize = getattr(client, "personal_state", None)
     if personalize is None:
         return None
     shared = dict(extras or {})
+    if context is not None and "ctx" in inspect.signature(personalize).parameters:
+        return lambda client_id: personalize(global_state, store.get(client_id), shared,
+                                             ctx=context(client_id))
     return lambda client_id: personalize(global_state, store.get(client_id), shared)
