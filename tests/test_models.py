@@ -91,7 +91,8 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_preset_names() -> None:
-    assert preset_names() == ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5", "minilm"]
+    assert preset_names() == ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5", "tiny-vit",
+                              "tiny-whisper", "minilm"]
     assert set(PRESETS) == set(preset_names())
 
 

@@ -14,6 +14,10 @@ the subsets are written next to this script. See README.md for sources and licen
   (proportional, largest remainder, so all 8 categories are present);
   ``dolly_validation.jsonl``: 200 *other* rows, stratified the same way. Fields: instruction,
   context, response, category. Rows are kept in source order.
+- ``hh_harmless_pref.jsonl``: 400 preference pairs of ``hh_rlhf_harmless/harmless_base_test.jsonl``
+  (Anthropic HH-RLHF, MIT; red-teaming content), ``random.Random(0).sample`` of the rows whose
+  ``prompt`` plus the longer response is at most 400 characters and whose two responses differ,
+  kept in file order. Fields: prompt, chosen, rejected, num_turns.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ DOLLY_TRAIN_ROWS = 2000
 DOLLY_VALIDATION_ROWS = 200
 SST2_FIELDS = ("sentence", "label")
 DOLLY_FIELDS = ("instruction", "context", "response", "category")
+HH_ROWS = 400
+HH_MAX_CHARS = 400  # prompt + longer response: fits max_length 160 of the tiny tokenizer
+HH_FIELDS = ("prompt", "chosen", "rejected", "num_turns")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -96,6 +103,21 @@ def make_dolly(shared: Path, out: Path) -> None:
     shutil.copyfile(shared / "dolly15k" / "LICENSE", out / "LICENSE-dolly15k.txt")
 
 
+def short_distinct_pair(row: dict[str, Any]) -> bool:
+    longer = max(len(row["chosen"]), len(row["rejected"]))
+    return (len(row["prompt"]) + longer <= HH_MAX_CHARS
+            and row["chosen"].strip() != row["rejected"].strip())
+
+
+def make_hh_harmless(shared: Path, out: Path) -> None:
+    source = shared / "hh_rlhf_harmless"
+    rows = read_jsonl(source / "harmless_base_test.jsonl")
+    eligible = [i for i, row in enumerate(rows) if short_distinct_pair(row)]
+    keep = sorted(random.Random(SEED).sample(eligible, HH_ROWS))
+    write_jsonl(out / "hh_harmless_pref.jsonl", [rows[i] for i in keep], HH_FIELDS)
+    shutil.copyfile(source / "LICENSE", out / "LICENSE-hh-rlhf.txt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shared", nargs="?", type=Path, default=DEFAULT_SHARED,
@@ -105,6 +127,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     make_sst2(args.shared, args.out)
     make_dolly(args.shared, args.out)
+    make_hh_harmless(args.shared, args.out)
     for path in sorted(args.out.glob("*.jsonl")):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         lines = sum(1 for _ in path.open(encoding="utf-8"))

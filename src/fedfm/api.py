@@ -113,15 +113,19 @@ def check_components(config: RunConfig) -> None:
     _check_lora_algorithm(config)
     _check_fedkseed(config)
     _check_fedbpt(config)
+    from fedfm.adaptability.domains import check_domains
     from fedfm.adaptability.personalization import check_personalization
+    from fedfm.adaptability.preference import check_dpo
     from fedfm.efficiency.distillation import check_distillation
     from fedfm.efficiency.split import check_split
     from fedfm.trust.ip.offsite import check_offsite
 
+    check_dpo(config)
     check_distillation(config)
     check_split(config)
     check_offsite(config)
     check_personalization(config)
+    check_domains(config)
 
 
 def _check_fedbpt(config: RunConfig) -> None:
@@ -325,7 +329,7 @@ def build_workload(config: RunConfig, algorithm: Algorithm) -> Any:
         torch.set_num_threads(config.runtime.num_threads)
     device = resolve_device(config.runtime)
     label_names, num_labels = (None, None)
-    if config.data.format == "classification":
+    if config.data.format in ("classification", "image"):
         label_names, num_labels = load_label_info(config.data)
     bundle = adapt_model(load_model(config.model, seed=config.seed, num_labels=num_labels),
                          config, algorithm)
@@ -439,8 +443,13 @@ def probe_batch(config: RunConfig, data: Any, bundle: Any,
     if local.packing and bundle.task == "causal_lm":
         examples = pack_examples(examples, config.model.max_length)
     pad = bundle.tokenizer.pad_token_id
-    batch = collate(examples[: local.batch_size], pad_token_id=int(pad if pad is not None else 0),
-                    task=bundle.task)
+    pad_id = int(pad if pad is not None else 0)
+    if config.data.format == "preference":  # chosen and rejected rows: one causal-LM batch
+        from fedfm.adaptability.preference import collate_pairs
+
+        batch = collate_pairs(examples[: local.batch_size], pad_token_id=pad_id)
+    else:
+        batch = collate(examples[: local.batch_size], pad_token_id=pad_id, task=bundle.task)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -522,7 +531,7 @@ def _drive(config: RunConfig, algorithm: Algorithm, runtime: Runtime,
            show: bool, workload: Any, store: ClientStore) -> LoopSnapshot:
     from fedfm.eval import fairness_summary, primary_metric
 
-    metric, higher_is_better = primary_metric(workload.bundle.task)
+    metric, higher_is_better = primary_metric(workload.bundle.task, config.data.format)
     settings = LoopSettings(
         seed=config.seed, num_clients=config.federation.num_clients,
         sample_size=config.federation.sample_size(), rounds=config.federation.rounds,

@@ -65,7 +65,7 @@ class ModelConfig(_Section):
 
 AdapterKind = Literal[
     "lora", "ia3", "prompt_tuning", "prefix_tuning",
-    "bitfit", "layernorm", "last_layers", "head", "full",
+    "bitfit", "layernorm", "last_layers", "head", "full", "visual_prompt",
 ]
 
 
@@ -84,7 +84,7 @@ class AdapterConfig(_Section):
     train_head: bool = True
 
 
-DataFormat = Literal["instruction", "chat", "classification", "preference"]
+DataFormat = Literal["instruction", "chat", "classification", "preference", "image", "audio"]
 
 
 class InstructionFields(_Section):
@@ -123,6 +123,11 @@ class DataConfig(_Section):
     text_pair_field: str | None = None
     label_field: str = "label"
     label_names: list[str] | None = None
+    # image (with label_field): pixel values (H x W [x C], 0..255) or an image file path
+    image_field: str = "image"
+    # audio (with text_field, the transcript): a WAV file path or a list of samples
+    audio_field: str = "audio"
+    sampling_rate: int = Field(default=16000, ge=1000)  # audio: rate of sample lists
     # instruction / chat / preference
     instruction_fields: InstructionFields = Field(default_factory=InstructionFields)
     prompt_template: Literal["alpaca", "plain"] = "alpaca"
@@ -437,6 +442,9 @@ class DomainConfig(_Section):
     softmax gate mixes all domain adapters per input."""
 
     router: bool = False
+    # domain values in adapter order (the remote runtime needs them; None: the sorted
+    # data.group_by values of the data)
+    names: list[str] | None = None
 
 
 class DPOConfig(_Section):
@@ -740,7 +748,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        if self.adapter.kind == "head" and self.data.format != "classification":
+        if self.adapter.kind == "head" and self.data.format not in ("classification", "image"):
             raise ValueError("adapter.kind: 'head' needs data.format 'classification' "
                              f"(got {self.data.format!r})")
         canaries = self.eval.canaries

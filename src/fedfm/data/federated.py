@@ -38,16 +38,20 @@ from fedfm.data.formats import (
     load_records,
     tokenize_records,
 )
+from fedfm.data.media import collate_media
 from fedfm.data.partition import describe, partition
 from fedfm.data.sources import DataError, SkipLog
 from fedfm.data.stats import ClientStats, DataStats
 
 TASKS = ("causal_lm", "classification", "seq2seq")
+LABELED_FORMATS = ("classification", "image")  # rows with a class label
 FORMAT_TASKS: dict[str, tuple[str, ...]] = {
     "instruction": ("causal_lm", "seq2seq"),
     "chat": ("causal_lm", "seq2seq"),
     "classification": ("classification",),
     "preference": ("causal_lm",),
+    "image": ("classification",),  # ViT image classifier (fedfm.data.media)
+    "audio": ("seq2seq",),  # Whisper speech-to-text
 }
 KEYED_PARTITIONS = ("dirichlet", "natural", "shards")
 _GLOBAL_VAL_STREAM = 1
@@ -84,8 +88,8 @@ def check_task(fmt: str, task: str) -> None:
     if task not in allowed:
         raise DataError(f"data.format={fmt!r} needs task {' or '.join(allowed)}, got "
                          f"task={task!r}" + (" (classification needs data.format="
-                                             "'classification')" if task == "classification"
-                                             else ""))
+                                             "'classification' or 'image')"
+                                             if task == "classification" else ""))
 
 
 def partition_column(cfg: DataConfig) -> str | None:
@@ -93,7 +97,7 @@ def partition_column(cfg: DataConfig) -> str | None:
     label for classification, else None."""
     if cfg.partition.by:
         return cfg.partition.by
-    return cfg.label_field if cfg.format == "classification" else None
+    return cfg.label_field if cfg.format in LABELED_FORMATS else None
 
 
 def _required_columns(cfg: DataConfig) -> tuple[str, ...]:
@@ -103,7 +107,7 @@ def _required_columns(cfg: DataConfig) -> tuple[str, ...]:
                          f"data.partition.by (e.g. by: category) for data.format="
                          f"{cfg.format!r}")
     needed = [c for c in (column, cfg.group_by) if c is not None
-              and not (cfg.format == "classification" and c == cfg.label_field)]
+              and not (cfg.format in LABELED_FORMATS and c == cfg.label_field)]
     return tuple(dict.fromkeys(needed))
 
 
@@ -115,7 +119,7 @@ def _load_sources(cfg: DataConfig, columns: Sequence[str] = ()
     train = load_records(cfg.path, cfg, columns=columns, max_rows=cfg.max_rows)
     group = () if cfg.group_by is None else (cfg.group_by,)
     val = load_records(cfg.validation_path, cfg, columns=group) if cfg.validation_path else None
-    if cfg.format != "classification":
+    if cfg.format not in LABELED_FORMATS:
         return train, val, None
     labels = [item.label for item in train.items] + ([item.label for item in val.items]
                                                      if val is not None else [])
@@ -129,7 +133,7 @@ def _load_sources(cfg: DataConfig, columns: Sequence[str] = ()
 def load_label_info(cfg: DataConfig) -> tuple[list[str] | None, int | None]:
     """Label names and count for classification (reads rows, tokenizes nothing), so the model
     can be built with ``num_labels`` first. ``(None, None)`` for other formats."""
-    if cfg.format != "classification":
+    if cfg.format not in LABELED_FORMATS:
         return None, None
     _, _, space = _load_sources(cfg)
     assert space is not None
@@ -193,7 +197,7 @@ def _keys(records: Records, pool: Sequence[int], column: str | None, cfg: DataCo
           ) -> list[Any]:
     if column is None:
         return [None] * len(pool)
-    if cfg.format == "classification" and column == cfg.label_field:
+    if cfg.format in LABELED_FORMATS and column == cfg.label_field:
         return [records.items[i].label for i in pool]
     return [records.rows[i][column] for i in pool]
 
@@ -341,9 +345,12 @@ def collate(examples: list[dict[str, Any]], *, pad_token_id: int, task: str
             ) -> dict[str, torch.Tensor]:
     """Right-pad a batch: ``input_ids`` (pad id), ``attention_mask``, ``labels`` (-100 for
     LM/seq2seq, a LongTensor of class ids for classification), ``token_type_ids`` when the
-    examples have them. Preference examples give ``chosen_*`` and ``rejected_*`` tensors."""
+    examples have them. Preference examples give ``chosen_*`` and ``rejected_*`` tensors;
+    image and audio examples stacked ``pixel_values`` / ``input_features`` (no padding)."""
     if not examples:
         raise ValueError("collate got an empty batch")
+    if "pixel_values" in examples[0] or "input_features" in examples[0]:
+        return collate_media(examples, task)
     if pad_token_id is None:
         raise ValueError("collate needs a pad_token_id (set tokenizer.pad_token)")
     if "chosen_input_ids" in examples[0]:

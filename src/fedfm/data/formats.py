@@ -16,7 +16,8 @@ Four formats (``DataConfig.format``):
 ``classification``
     ``text_field`` (+ ``text_pair_field``) and an int or string label in ``label_field``.
 ``preference``
-    ``prompt``, ``chosen``, ``rejected`` strings (validated and tokenized for a later DPO).
+    ``prompt``, ``chosen``, ``rejected`` strings, tokenized as two sequences over one shared
+    prompt for federated DPO (``algorithm.name: fed_dpo``).
 
 Tokenized examples are plain dicts. Causal LM: ``input_ids = prompt_ids + response_ids + [eos]``
 with ``labels`` equal to -100 on prompt tokens. Seq2seq: ``input_ids`` = prompt ids, ``labels`` =
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from fedfm.config import DataConfig
+from fedfm.data.media import MEDIA_FORMATS, parse_audio, parse_image, tokenize_media
 from fedfm.data.sources import DataError, OnError, RowError, SkipLog, iter_rows
 
 IGNORE_INDEX = -100
@@ -191,6 +193,8 @@ PARSERS: dict[str, Callable[[dict[str, Any], str, DataConfig], Any]] = {
     "chat": parse_chat,
     "classification": parse_classification,
     "preference": parse_preference,
+    "image": parse_image,  # fedfm.data.media
+    "audio": parse_audio,
 }
 
 
@@ -412,8 +416,32 @@ def tokenize_classification(items: Sequence[ClassificationItem], rows: Sequence[
     return out
 
 
+LabelledIds = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+def join_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int
+              ) -> tuple[LabelledIds, LabelledIds, list[int]] | None:
+    """``((chosen ids, labels), (rejected ids, labels), kept prompt)``: ``join_causal``'s rule
+    with the longer response's reserve, so both sides keep the *same* prompt (DPO compares two
+    answers to one context); ``None`` when a side would keep no response token."""
+    if not chosen or not rejected:
+        return None
+    reserve = min(max(len(chosen), len(rejected)), max(1, max_length // 4))
+    kept_prompt = prompt[: min(len(prompt), max_length - reserve)]
+    room = max_length - len(kept_prompt)
+    sides = []
+    for response in (chosen, rejected):
+        kept = response[:room]
+        sides.append((kept_prompt + kept, [IGNORE_INDEX] * len(kept_prompt) + kept))
+    return sides[0], sides[1], kept_prompt
+
+
 def tokenize_preference(items: Sequence[PreferenceItem], rows: Sequence[int], tokenizer: Any,
                         *, max_length: int) -> Tokenized:
+    """Each pair as two causal-LM sequences over one shared (possibly cut) prompt, each response
+    ending in EOS and alone supervised: ``chosen_input_ids`` / ``chosen_labels``,
+    ``rejected_input_ids`` / ``rejected_labels``, the kept ``prompt_ids``, ``reference`` (the
+    chosen text, for generation eval) and ``row``."""
     prompts = encode(tokenizer, [item.prompt for item in items], add_special_tokens=True)
     eos = eos_id(tokenizer)
     tail = [eos] if eos is not None else []
@@ -421,16 +449,17 @@ def tokenize_preference(items: Sequence[PreferenceItem], rows: Sequence[int], to
                      add_special_tokens=False)
     out = Tokenized([])
     for i, (item, row) in enumerate(zip(items, rows, strict=True)):
-        chosen = join_causal(prompts[i], answers[2 * i] + tail, max_length)
-        rejected = join_causal(prompts[i], answers[2 * i + 1] + tail, max_length)
-        if chosen is None or rejected is None:
+        joined = join_pair(prompts[i], answers[2 * i] + tail, answers[2 * i + 1] + tail,
+                           max_length)
+        if joined is None:
             out.examples.append(None)
             out.dropped[DROP_NO_SUPERVISION] += 1
             continue
+        (chosen_ids, chosen_labels), (rejected_ids, rejected_labels), prompt = joined
         out.examples.append({
-            "chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
-            "rejected_input_ids": rejected[0], "rejected_labels": rejected[1],
-            "prompt_ids": chosen[2], "reference": item.chosen, "row": row,
+            "chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels,
+            "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels,
+            "prompt_ids": prompt, "reference": item.chosen, "row": row,
         })
     return out
 
@@ -592,4 +621,7 @@ def tokenize_records(records: Records, tokenizer: Any, *, fmt: str, task: str,
         return tokenize_classification(items, row_ids, tokenizer, max_length=max_length)
     if fmt == "preference":
         return tokenize_preference(items, row_ids, tokenizer, max_length=max_length)
+    if fmt in MEDIA_FORMATS:  # pixels / audio features from the model's processor
+        return Tokenized(tokenize_media(records, row_ids, tokenizer, fmt=fmt,
+                                        max_length=max_length))
     raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(PARSERS)}")

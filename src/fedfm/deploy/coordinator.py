@@ -216,7 +216,7 @@ class Coordinator:
         from fedfm.eval import fairness_summary, primary_metric
 
         config = self.config
-        metric, higher = primary_metric(self.workload.bundle.task)
+        metric, higher = primary_metric(self.workload.bundle.task, config.data.format)
         settings = LoopSettings(
             seed=config.seed, num_clients=config.federation.num_clients,
             sample_size=config.federation.sample_size(), rounds=config.federation.rounds,
@@ -738,7 +738,8 @@ def build_server_workload(config: RunConfig, algorithm: Any) -> Any:
     label_names, num_labels = (None, None)
     validation_path = config.data.validation_path
     has_validation = validation_path is not None and Path(validation_path.split("::")[0]).exists()
-    if config.data.format == "classification" and (has_validation or config.data.label_names):
+    labeled = config.data.format in ("classification", "image")
+    if labeled and (has_validation or config.data.label_names):
         source = config.data if not has_validation else config.data.model_copy(
             update={"path": validation_path})
         label_names, num_labels = load_label_info(source)

@@ -9,6 +9,11 @@ a fairness summary of a metric across clients.
 - ``seq2seq``: the labels are passed to the model (which derives the decoder inputs from them) and
   the loss of the decoder logits against the labels is token-weighted the same way.
 - ``classification``: mean cross-entropy over examples, accuracy and macro-F1.
+- preference pairs (examples with ``chosen_input_ids``, any task): the preference scorer
+  registered in ``PAIR_SCORERS`` (federated DPO, ``fedfm.adaptability.preference``) gives each
+  pair's loss and implicit rewards; the set's ``dpo_loss``, ``preference_accuracy`` (chosen
+  reward strictly above rejected), ``reward_margin``, ``chosen_reward`` and ``rejected_reward``
+  are means over pairs.
 
 Only the supervised positions of one batch are ever up-cast to float32, never the whole set.
 ``generate_rouge`` decodes greedily (left-padded prompts for causal LMs) and scores ROUGE-L.
@@ -27,13 +32,23 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from fedfm.config import DPOConfig
 from fedfm.eval.metrics import accuracy, macro_f1, perplexity, rouge_l
 
-__all__ = ["evaluate_examples", "fairness_summary", "generate_rouge", "primary_metric"]
+__all__ = ["PAIR_SCORERS", "evaluate_examples", "example_length", "fairness_summary",
+           "generate_rouge", "primary_metric"]
 
 LM_TASKS = ("causal_lm", "seq2seq")
 TASKS = (*LM_TASKS, "classification")
 IGNORE_INDEX = -100
+PREFERENCE_KEY = "chosen_input_ids"
+
+PairScorer = Callable[[Any, dict[str, torch.Tensor], DPOConfig],
+                      tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+PAIR_SCORERS: dict[str, PairScorer] = {}
+"""``"dpo"`` -> ``(model, batch, DPOConfig) -> (losses, chosen rewards, rejected rewards)`` per
+pair; registered by ``fedfm.adaptability.preference`` when it is imported (so this module
+never imports a method)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -113,6 +128,32 @@ def _evaluate_lm(
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
 
 
+def _evaluate_pairs(
+    model: Any, batches: Iterator[dict[str, torch.Tensor]], device: torch.device, dpo: DPOConfig
+) -> dict[str, float]:
+    scorer = PAIR_SCORERS.get("dpo")
+    if scorer is None:
+        raise ValueError("preference examples are scored by federated DPO: import "
+                         "fedfm.adaptability (fedfm.run does) to register its scorer")
+    pairs, loss, correct, chosen, rejected = 0, 0.0, 0.0, 0.0, 0.0
+    for batch in batches:
+        losses, chosen_r, rejected_r = scorer(model, {k: v.to(device) for k, v in batch.items()},
+                                              dpo)
+        pairs += int(losses.shape[0])
+        loss += float(losses.float().sum())
+        correct += float((chosen_r > rejected_r).sum())
+        chosen += float(chosen_r.float().sum())
+        rejected += float(rejected_r.float().sum())
+    return {
+        "dpo_loss": loss / pairs,
+        "preference_accuracy": correct / pairs,
+        "reward_margin": (chosen - rejected) / pairs,
+        "chosen_reward": chosen / pairs,
+        "rejected_reward": rejected / pairs,
+        "examples": pairs,
+    }
+
+
 def _evaluate_classification(
     model: Any,
     batches: Iterator[dict[str, torch.Tensor]],
@@ -152,14 +193,18 @@ def evaluate_examples(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     num_labels: int | None = None,
+    dpo: DPOConfig | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``examples``.
 
     LM tasks return ``{"loss", "perplexity", "tokens"}`` (token-weighted mean CE over every
     supervised token of the set; only ``{"tokens": 0}`` when no token is supervised).
     Classification returns ``{"loss", "accuracy", "macro_f1", "examples"}`` (``num_labels``
-    defaults to the logits' width). No examples: ``{}``. Every collated key except ``labels`` is
-    passed to the model. The model's train/eval mode is restored afterwards.
+    defaults to the logits' width). Preference pairs return ``{"dpo_loss",
+    "preference_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "examples"}``
+    under ``dpo``'s beta and label smoothing (default ``DPOConfig()``). No examples: ``{}``.
+    Every collated key except ``labels`` is passed to the model. The model's train/eval mode is
+    restored afterwards.
     """
     _check_task(task, TASKS)
     if not examples:
@@ -167,6 +212,8 @@ def evaluate_examples(
     device = torch.device(device)
     batches = (collate_fn(chunk) for chunk in _batches(examples, batch_size))
     with _eval_mode(model), _autocast(device, autocast_dtype):
+        if PREFERENCE_KEY in examples[0]:
+            return _evaluate_pairs(model, batches, device, dpo or DPOConfig())
         if task == "classification":
             return _evaluate_classification(model, batches, device, num_labels)
         return _evaluate_lm(model, batches, task, device)
@@ -305,6 +352,11 @@ def generate_rouge(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not examples:
         return {}
+    if "input_features" in examples[0]:  # speech: greedy transcripts, exact match
+        from fedfm.data.media import transcript_accuracy
+
+        return transcript_accuracy(model, tokenizer, examples, device=device,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
     device = torch.device(device)
     pad_id, eos_ids = _special_ids(model, tokenizer)
     predictions: list[str] = []
@@ -354,9 +406,20 @@ def fairness_summary(
     }
 
 
-def primary_metric(task: str) -> tuple[str, bool]:
-    """The headline metric of a task and whether higher is better."""
+def example_length(example: dict[str, Any]) -> int:
+    """Tokens an example puts through the model (both sides of a preference pair; 0 without
+    token ids, e.g. an image): the key that batches evaluation rows by length."""
+    if PREFERENCE_KEY in example:
+        return len(example[PREFERENCE_KEY]) + len(example["rejected_input_ids"])
+    return len(example.get("input_ids", ()))
+
+
+def primary_metric(task: str, data_format: str | None = None) -> tuple[str, bool]:
+    """The headline metric of a task (of preference data: ``preference_accuracy``) and whether
+    higher is better."""
     _check_task(task, TASKS)
+    if data_format == "preference":
+        return "preference_accuracy", True
     if task == "classification":
         return "accuracy", True
     return "loss", False

@@ -27,7 +27,6 @@ from fedfm.models import (
     PEFT_KINDS,
     PRESETS,
     ModelBundle,
-    apply_adapter,
     count_parameters,
     load_model,
     set_state,
@@ -77,7 +76,10 @@ def load_base(record: RunRecord) -> ModelBundle:
 def rebuild_global_model(record: RunRecord, state: State) -> ModelBundle:
     """Base + adapter with ``state`` loaded: the model fedfm evaluated as the global one."""
     config = record.config
-    bundle = apply_adapter(load_base(record), config.adapter, seed=config.seed)
+    from fedfm.api import adapt_model, build_algorithm
+
+    # the algorithm may add adapters of its own (dual_lora's local one, domain adapters)
+    bundle = adapt_model(load_base(record), config, build_algorithm(config))
     try:
         set_state(bundle.model, state)
     except StateMismatchError as exc:

@@ -55,6 +55,8 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
     "bert": ["query", "value"],
     "t5": ["q", "v"],
+    "vit": ["q_proj", "v_proj", "query", "value"],  # transformers 5.x / 4.x names
+    "whisper": ["q_proj", "v_proj"],
 }
 HEAD_MODULE_NAMES = ("classifier", "score", "classification_head")
 _PEFT_TASK_TYPES = {
@@ -79,6 +81,9 @@ UNSUPPORTED: dict[tuple[str, str, str], str] = {
         "embeddings hide behind padding (use lora, ia3 or prefix_tuning)",
 }
 _CONV1D_FAMILIES = ("gpt2",)  # fused Conv1D projections: weights stored (in, out)
+# peft's seq2seq wrapper passes input_ids=None, which Whisper's decoder receives twice; the
+# task-less PeftModel forwards input_features and labels untouched
+_NO_PEFT_TASK_TYPE = ("whisper",)
 
 
 class AdapterError(ValueError):
@@ -133,7 +138,7 @@ def _apply_peft(bundle: ModelBundle, cfg: AdapterConfig, seed: int) -> torch.nn.
 
 def build_peft_config(bundle: ModelBundle, cfg: AdapterConfig) -> PeftConfig:
     """The ``peft`` config for ``cfg`` on this model (family defaults for target modules)."""
-    task_type = _PEFT_TASK_TYPES[bundle.task]
+    task_type = None if bundle.family in _NO_PEFT_TASK_TYPE else _PEFT_TASK_TYPES[bundle.task]
     extra_heads = _extra_head_names(bundle) if cfg.train_head else []
     modules_to_save = extra_heads or None
     if cfg.kind == "lora":
@@ -364,3 +369,11 @@ _register("head", "efficiency.peft.selective",
           "adapter: {kind: head}", "only the classifier head trains (linear probing)")
 _register("full", "efficiency.peft.full", "",
           "adapter: {kind: full}", "every weight trains and is communicated (the baseline)")
+
+# after AdapterError and the head helpers, which vision_prompt imports from here
+from fedfm.models.vision_prompt import apply_visual_prompt  # noqa: E402
+
+ADAPTERS.register("visual_prompt", MethodInfo(
+    "efficiency.peft.additive.prompt", "Visual Prompt Tuning (Jia et al., ECCV 2022)",
+    "adapter: {kind: visual_prompt, num_virtual_tokens: 8}",
+    "trainable prompt tokens inserted after a ViT's CLS token (VPT-shallow)"))(apply_visual_prompt)

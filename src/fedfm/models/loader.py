@@ -35,10 +35,13 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    ViTForImageClassification,
+    WhisperForConditionalGeneration,
 )
 from transformers.utils import logging as hf_logging
 
 from fedfm.config import ModelConfig
+from fedfm.data.media import attach_processor, build_processor
 from fedfm.models.presets import (
     BOS,
     CHAT_TEMPLATE,
@@ -58,6 +61,11 @@ _AUTO_CLASSES: dict[str, Any] = {
     "causal_lm": AutoModelForCausalLM,
     "classification": AutoModelForSequenceClassification,
     "seq2seq": AutoModelForSeq2SeqLM,
+}
+# Image and speech presets: the auto classes of the text tasks do not map these model types.
+_MEDIA_CLASSES: dict[tuple[str, str], Any] = {
+    ("vit", "classification"): ViTForImageClassification,
+    ("whisper", "seq2seq"): WhisperForConditionalGeneration,
 }
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -166,9 +174,10 @@ def _build_tiny(cfg: ModelConfig, preset: Preset, task: Task, labels: int | None
         config.num_labels = labels
     if task == "causal_lm" and preset.task == "classification":
         config.is_decoder = True  # an encoder preset used as a (causal) decoder
+    media = _MEDIA_CLASSES.get((config.model_type, task))
     try:
         with seeded(seed):
-            model = _AUTO_CLASSES[task].from_config(config)
+            model = media(config) if media else _AUTO_CLASSES[task].from_config(config)
     except (ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"model {cfg.name!r} (family {preset.family}) cannot be built for task {task!r}: "
@@ -176,6 +185,8 @@ def _build_tiny(cfg: ModelConfig, preset: Preset, task: Task, labels: int | None
         ) from exc
     model.to(_DTYPES[cfg.dtype])
     tokenizer = tiny_tokenizer(preset.special_tokens, preset.max_length)
+    # ViT / Whisper: the data layer finds the image processor / feature extractor here
+    attach_processor(tokenizer, build_processor(config))
     return ModelBundle(model, tokenizer, task, labels, preset.name, config.model_type)
 
 

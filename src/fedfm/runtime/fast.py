@@ -124,7 +124,7 @@ def _attention_cache_key(model: torch.nn.Module, device: torch.device,
     shape = {k: getattr(config, k, None) for k in (
         "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size", "vocab_size")}
-    batch_shape = list(batch["input_ids"].shape)
+    batch_shape = list(next(iter(batch.values())).shape)  # input_ids, pixel_values, ...
     raw = json.dumps([_device_signature(device), shape, batch_shape, precision,
                       torch.__version__] + (["compiled"] if compiled else []), sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
@@ -170,7 +170,7 @@ def time_training_step(model: torch.nn.Module, batch: dict[str, torch.Tensor],
             with autocast:
                 loss = loss_fn(model, batch)
             loss.backward()
-            if batch["input_ids"].device.type == "cuda":
+            if next(iter(batch.values())).device.type == "cuda":
                 torch.cuda.synchronize()
             if attempt >= warmup:
                 best = min(best, time.perf_counter() - start)

@@ -58,7 +58,7 @@ class LocalRuntime:
             global_state, per_client=per_client,
             personal=personal_models(self.workload.client, global_state, self.client_store,
                                      extras, context=lambda cid: self.client_context(cid, round)),
-            round=round)
+            round=round, extras=extras)
 
     def close(self) -> None:
         return None

@@ -21,6 +21,7 @@ from fedfm.core.loop import EvalReport
 from fedfm.core.state import State
 from fedfm.data import FederatedData, collate
 from fedfm.eval import evaluate_examples, generate_rouge
+from fedfm.eval.evaluator import example_length
 from fedfm.models import ModelBundle, get_state, set_state
 from fedfm.runtime.fast import LossFn, SpeedPlan, standard_loss
 
@@ -82,7 +83,8 @@ class Workload:
         set_state(self.model, state)
 
     def evaluate(self, global_state: State, *, per_client: bool,
-                 personal: Callable[[int], State] | None = None, round: int = 0) -> EvalReport:
+                 personal: Callable[[int], State] | None = None, round: int = 0,
+                 extras: Mapping[str, State] | None = None) -> EvalReport:
         """Global metrics on the global validation set; per-client metrics of the global model
         on each client's own validation split; and, when the algorithm keeps a personal model
         (``personal(client_id)``: FedSA-LoRA's B, a personal head, a cluster model) or
@@ -94,6 +96,11 @@ class Workload:
         if eval_cfg.max_examples is not None:
             examples = examples[: eval_cfg.max_examples]
         report = EvalReport(global_metrics=self._evaluate_views(examples, eval_cfg))
+        routed = getattr(self.client, "routed_metrics", None)  # domain_lora: rows by domain
+        if routed is not None and extras is not None:
+            report.global_metrics.update(
+                {f"routed_{k}": v for k, v in routed(self, global_state, extras).items()})
+            self.set_state(global_state)
         if self.bundle.task != "classification" and eval_cfg.generation.enabled and examples:
             report.global_metrics.update(self._generation_metrics(examples, eval_cfg))
         if self.backdoor_eval:
@@ -153,13 +160,14 @@ class Workload:
         # Every metric here is order-free (token- or example-weighted over the whole set), so
         # batching by length only removes padding work. The prefix cache serves ``self.model``
         # alone (a view's blocks differ).
-        by_length = sorted(examples, key=lambda ex: len(ex["input_ids"]))
+        by_length = sorted(examples, key=example_length)
         cache = self.speed.cache if model is None else None
         with cache.enabled() if cache is not None else nullcontext():
             return evaluate_examples(
                 self.model if model is None else model, by_length, task=self.bundle.task,
                 collate_fn=self.collate_fn(), batch_size=eval_cfg.batch_size, device=self.device,
-                autocast_dtype=self.autocast_dtype, num_labels=self.bundle.num_labels)
+                autocast_dtype=self.autocast_dtype, num_labels=self.bundle.num_labels,
+                dpo=self.config.algorithm.dpo)
 
     def _attack_success(self, eval_cfg: EvalConfig) -> float:
         from fedfm.trust.robust.poisoning import attack_success_rate

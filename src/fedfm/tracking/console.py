@@ -32,7 +32,8 @@ def headline_metrics(record: dict[str, Any]) -> dict[str, float]:
     if "train_loss" in record:
         shown["train_loss"] = record["train_loss"]
     global_eval = record.get("eval", {}).get("global", {})
-    for key in ("loss", "perplexity", "accuracy", "macro_f1", "rouge_l"):
+    for key in ("loss", "perplexity", "accuracy", "macro_f1", "rouge_l", "dpo_loss",
+                "preference_accuracy"):
         if key in global_eval:
             shown[f"val_{key}"] = global_eval[key]
     for section, prefix in (("fairness", "clients"), ("personalized_fairness", "personal")):

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedfm.tracking.run_record import RunRecord, RunRecordError, read_run
 
-PRIMARY_METRICS = ("accuracy", "rouge_l", "perplexity", "loss")
+PRIMARY_METRICS = ("accuracy", "preference_accuracy", "rouge_l", "perplexity", "loss")
 PHASES = (("clients", "client training"), ("aggregate", "aggregation"), ("eval", "evaluation"))
 
 
