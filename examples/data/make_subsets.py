@@ -18,6 +18,10 @@ the subsets are written next to this script. See README.md for sources and licen
   (Anthropic HH-RLHF, MIT; red-teaming content), ``random.Random(0).sample`` of the rows whose
   ``prompt`` plus the longer response is at most 400 characters and whose two responses differ,
   kept in file order. Fields: prompt, chosen, rejected, num_turns.
+- ``nusax_train.jsonl``: 200 rows per language (2,400) of ``nusax_senti/train.jsonl``;
+  ``nusax_validation.jsonl``: 40 rows per language (480) of ``nusax_senti/valid.jsonl``
+  (``random.Random(0).sample`` within each language, languages in sorted order, rows kept in
+  file order). Fields: id, language, text, label.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ DOLLY_FIELDS = ("instruction", "context", "response", "category")
 HH_ROWS = 400
 HH_MAX_CHARS = 400  # prompt + longer response: fits max_length 160 of the tiny tokenizer
 HH_FIELDS = ("prompt", "chosen", "rejected", "num_turns")
+NUSAX_TRAIN_PER_LANGUAGE = 200
+NUSAX_VALIDATION_PER_LANGUAGE = 40
+NUSAX_FIELDS = ("id", "language", "text", "label")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -118,6 +125,27 @@ def make_hh_harmless(shared: Path, out: Path) -> None:
     shutil.copyfile(source / "LICENSE", out / "LICENSE-hh-rlhf.txt")
 
 
+def per_language_sample(rows: list[dict[str, Any]], per_language: int) -> list[dict[str, Any]]:
+    by_language: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        by_language[row["language"]].append(index)
+    rng = random.Random(SEED)
+    keep: list[int] = []
+    for language in sorted(by_language):
+        keep.extend(rng.sample(by_language[language], per_language))
+    return [rows[i] for i in sorted(keep)]
+
+
+def make_nusax(shared: Path, out: Path) -> None:
+    source = shared / "nusax_senti"
+    for name, split, per_language in (
+            ("nusax_train.jsonl", "train.jsonl", NUSAX_TRAIN_PER_LANGUAGE),
+            ("nusax_validation.jsonl", "valid.jsonl", NUSAX_VALIDATION_PER_LANGUAGE)):
+        rows = per_language_sample(read_jsonl(source / split), per_language)
+        write_jsonl(out / name, rows, NUSAX_FIELDS)
+    shutil.copyfile(source / "LICENSE", out / "LICENSE-nusax.txt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("shared", nargs="?", type=Path, default=DEFAULT_SHARED,
@@ -128,6 +156,7 @@ def main() -> None:
     make_sst2(args.shared, args.out)
     make_dolly(args.shared, args.out)
     make_hh_harmless(args.shared, args.out)
+    make_nusax(args.shared, args.out)
     for path in sorted(args.out.glob("*.jsonl")):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         lines = sum(1 for _ in path.open(encoding="utf-8"))
