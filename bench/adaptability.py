@@ -10,7 +10,8 @@ Workloads (the real MiniLM encoder, LoRA r=8 on query/value with the classifier 
 
 Methods: ``fedavg`` (the global model), ``fedavg_ft`` (FedAvg, then ``--finetune-steps`` local
 steps per client before its personalized evaluation), ``fedper``, ``fedrep``, ``ditto``,
-``fedsa_lora``, ``dual_lora``, ``ifca`` (k=2) and ``cfl``. Every client is evaluated on its own
+``fedsa_lora``, ``dual_lora``, ``ifca`` (k=2), ``cfl`` and, on NusaX (languages as domains),
+``domain_lora``. Every client is evaluated on its own
 validation split: ``own_accuracy_mean`` / ``own_accuracy_worst10`` use each client's own model
 (the personalized metrics; the global model's for ``fedavg``), next to the global model's
 (``global_model_accuracy_*``) and the global validation accuracy. Each method runs in its own
@@ -36,7 +37,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from communication import measured_run  # noqa: E402
 
 METHODS = ("fedavg", "fedavg_ft", "fedper", "fedrep", "ditto", "fedsa_lora", "dual_lora",
-           "ifca", "cfl")
+           "ifca", "cfl", "domain_lora")
+GROUPED = {"domain_lora"}  # needs data.group_by: NusaX's language, not SST-2
 WORKLOADS = ("nusax", "sst2")
 
 
@@ -151,6 +153,8 @@ def main() -> None:
     for workload in workloads:
         baseline = spawn(workload, "fedavg", args)
         for method in chosen:
+            if method in GROUPED and workload != "nusax":
+                continue
             found = baseline if method == "fedavg" else spawn(workload, method, args)
             print(json.dumps({"bench": "adaptability", "workload": workload, "method": method,
                               "rounds": args.rounds, **found, **compare(found, baseline),

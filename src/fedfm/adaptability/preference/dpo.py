@@ -276,7 +276,8 @@ _PACKING = ("invalid config: algorithm.local.packing cannot be combined with alg
 def check_dpo(config: RunConfig) -> None:
     """Refuse, before anything is loaded, what fed_dpo cannot run with (a sentence says why)."""
     if config.algorithm.name != "fed_dpo":
-        if "dpo" in config.algorithm.model_fields_set:
+        # compared by value: a saved run's config lists every field, defaults included
+        if config.algorithm.dpo != DPOConfig():
             raise ConfigError(f"invalid config: algorithm.dpo is read by algorithm 'fed_dpo' "
                               f"only; algorithm {config.algorithm.name!r} would ignore it")
         return
