@@ -290,10 +290,11 @@ class RoundLoop:
     def _evaluate(self, global_state: State, round_index: int) -> dict[str, Any]:
         # a server rule that keeps more than one model (cluster models, domain adapters) hands
         # them to the clients' personal models through ``evaluation_extras``
+        # (passed only then, so a runtime written before extras existed keeps working)
         extras_of = getattr(self.server, "evaluation_extras", None)
+        more = {"extras": extras_of(global_state)} if extras_of is not None else {}
         report = self.runtime.evaluate(
-            global_state, round=round_index, per_client=self.settings.per_client_eval,
-            extras=extras_of(global_state) if extras_of is not None else None)
+            global_state, round=round_index, per_client=self.settings.per_client_eval, **more)
         result: dict[str, Any] = {"global": report.global_metrics}
         if report.per_client:
             result["per_client"] = {str(k): v for k, v in sorted(report.per_client.items())}
