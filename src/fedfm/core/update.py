@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from fedfm.core import state as state_ops
 from fedfm.core.state import State
@@ -44,6 +47,24 @@ class ClientUpdate:
         return state_ops.num_bytes(self.payload) + sum(
             state_ops.num_bytes(extra) for extra in self.aux.values()
         )
+
+
+def expand_shared_upload(update: ClientUpdate, global_state: State, local_keys: Collection[str],
+                         method: str) -> ClientUpdate:
+    """An upload that holds exactly the shared tensors (every key of ``global_state`` but
+    ``local_keys``), with zero deltas added for the local tensors a client never uploads; a
+    ValueError (the update is rejected) names what is missing or unexpected."""
+    local = set(local_keys)
+    shared = [k for k in global_state if k not in local]
+    unexpected = [k for k in update.payload if k not in shared]
+    missing = [k for k in shared if k not in update.payload]
+    if unexpected or missing:
+        raise ValueError(f"{method} upload: expected the shared tensors only (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+    payload = OrderedDict((k, update.payload[k] if k in update.payload
+                           else torch.zeros_like(v)) for k, v in global_state.items())
+    return ClientUpdate(update.client_id, payload, update.num_examples,
+                        dict(update.metrics), dict(update.aux), dict(update.metadata))
 
 
 @dataclass

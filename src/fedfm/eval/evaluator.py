@@ -55,7 +55,7 @@ never imports a method)."""
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode and restore its previous mode afterwards."""
     was_training = model.training
     model.eval()
@@ -211,7 +211,7 @@ def evaluate_examples(
         return {}
     device = torch.device(device)
     batches = (collate_fn(chunk) for chunk in _batches(examples, batch_size))
-    with _eval_mode(model), _autocast(device, autocast_dtype):
+    with eval_mode(model), _autocast(device, autocast_dtype):
         if PREFERENCE_KEY in examples[0]:
             return _evaluate_pairs(model, batches, device, dpo or DPOConfig())
         if task == "classification":
@@ -360,7 +360,7 @@ def generate_rouge(
     device = torch.device(device)
     pad_id, eos_ids = _special_ids(model, tokenizer)
     predictions: list[str] = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for chunk in _batches(examples, batch_size):
             predictions += _generate_batch(
                 model,

@@ -22,7 +22,7 @@ from fedfm.algorithms.fedavg import DeltaClient, DeltaServer
 from fedfm.algorithms.local_train import LocalTrainingResult
 from fedfm.core.algorithm import ClientContext, ClientResult, ClientState
 from fedfm.core.state import State
-from fedfm.core.update import Broadcast, ClientUpdate
+from fedfm.core.update import Broadcast, ClientUpdate, expand_shared_upload
 
 LocalKeys = Callable[[Iterable[str]], list[str]]
 """The local (never uploaded) keys among a State's keys, in order; raises ValueError when the
@@ -94,14 +94,5 @@ class LocalPartServer(DeltaServer):
         self.method = method
 
     def decode_update(self, update: ClientUpdate, global_state: State) -> ClientUpdate:
-        local = set(self.local_keys(global_state))
-        shared = [k for k in global_state if k not in local]
-        unexpected = [k for k in update.payload if k not in shared]
-        missing = [k for k in shared if k not in update.payload]
-        if unexpected or missing:
-            raise ValueError(f"{self.method} upload: expected the shared tensors only (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]})")
-        payload = OrderedDict((k, update.payload[k] if k in update.payload
-                               else torch.zeros_like(v)) for k, v in global_state.items())
-        return ClientUpdate(update.client_id, payload, update.num_examples,
-                            dict(update.metrics), dict(update.aux), dict(update.metadata))
+        return expand_shared_upload(update, global_state, self.local_keys(global_state),
+                                    self.method)

@@ -27,7 +27,6 @@ chosen, ``[B, 2B)`` rejected), once with the adapter and once without.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from fedfm.core.registries import ALGORITHMS, POISONING
 from fedfm.core.registry import MethodInfo
 from fedfm.core.update import Broadcast, ClientUpdate
 from fedfm.data import collate
-from fedfm.eval.evaluator import PAIR_SCORERS
+from fedfm.eval.evaluator import PAIR_SCORERS, eval_mode
 
 IGNORE_INDEX = -100
 PEFT_ADAPTERS = ("lora", "ia3", "prompt_tuning", "prefix_tuning")
@@ -105,16 +104,6 @@ def sequence_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return response_logps(logits[:, -labels.shape[1]:], labels)  # prompt tuning prepends
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def reference_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """``log pi_ref`` of each row: the same model with its adapter disabled, in eval mode and
     without gradients (a fixed function; no copy of the model is ever made)."""
@@ -123,7 +112,7 @@ def reference_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         raise ValueError(
             "fed_dpo needs a peft adapter (adapter.kind one of " + ", ".join(PEFT_ADAPTERS)
             + "): the frozen reference is the model with its adapter disabled")
-    with torch.no_grad(), disable(), _eval_mode(model):
+    with torch.no_grad(), disable(), eval_mode(model):
         return sequence_logps(model, batch)
 
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 
-import torch
-
 from fedfm.algorithms.fedavg import DeltaClient, DeltaServer, build_delta_server
 from fedfm.config import AlgorithmConfig
 from fedfm.core.algorithm import Algorithm, ClientContext, ClientResult, ClientState
 from fedfm.core.registries import ALGORITHMS
 from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
-from fedfm.core.update import Broadcast, ClientUpdate
+from fedfm.core.update import Broadcast, ClientUpdate, expand_shared_upload
 from fedfm.efficiency.lora.common import require_lora
 
 STATE_KEY = "fedsa_local_b"
@@ -63,17 +61,8 @@ class FedSAServer(DeltaServer):
 
     def decode_update(self, update: ClientUpdate, global_state: State) -> ClientUpdate:
         """The shared tensors as uploaded, zero deltas for the local B (never uploaded)."""
-        local_keys = set(_local_keys(global_state))
-        shared = [k for k in global_state if k not in local_keys]
-        unexpected = [k for k in update.payload if k not in shared]
-        missing = [k for k in shared if k not in update.payload]
-        if unexpected or missing:
-            raise ValueError(f"fedsa_lora upload: expected the shared tensors only (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]})")
-        payload = OrderedDict((k, update.payload[k] if k in update.payload
-                               else torch.zeros_like(v)) for k, v in global_state.items())
-        return ClientUpdate(update.client_id, payload, update.num_examples,
-                            dict(update.metrics), dict(update.aux), dict(update.metadata))
+        return expand_shared_upload(update, global_state, _local_keys(global_state),
+                                    "fedsa_lora")
 
 
 @ALGORITHMS.register("fedsa_lora", MethodInfo(
