@@ -11,13 +11,15 @@ Workloads (the real MiniLM encoder, LoRA r=8 on query/value with the classifier 
 Methods: ``fedavg`` (the global model), ``fedavg_ft`` (FedAvg, then ``--finetune-steps`` local
 steps per client before its personalized evaluation), ``fedper``, ``fedrep``, ``ditto``,
 ``fedsa_lora``, ``dual_lora``, ``ifca`` (k=2), ``cfl`` and, on NusaX (languages as domains),
-``domain_lora``. Every client is evaluated on its own
+``domain_lora``; and the reference ``local_majority`` (no training: each client predicts its
+training split's most frequent label), the floor a personalized model must clear under label
+skew, where a client's own split is mostly one class. Every client is evaluated on its own
 validation split: ``own_accuracy_mean`` / ``own_accuracy_worst10`` use each client's own model
 (the personalized metrics; the global model's for ``fedavg``), next to the global model's
 (``global_model_accuracy_*``) and the global validation accuracy. Each method runs in its own
 subprocess; each line reports its difference to ``fedavg`` on the same workload.
 
-    python bench/adaptability.py [--rounds 6] [--only fedavg,fedper] [--workloads nusax]
+    python bench/adaptability.py [--rounds 5] [--only fedavg,fedper] [--workloads nusax]
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from communication import measured_run  # noqa: E402
 
 METHODS = ("fedavg", "fedavg_ft", "fedper", "fedrep", "ditto", "fedsa_lora", "dual_lora",
-           "ifca", "cfl", "domain_lora")
+           "ifca", "cfl", "domain_lora", "local_majority")
 GROUPED = {"domain_lora"}  # needs data.group_by: NusaX's language, not SST-2
 WORKLOADS = ("nusax", "sst2")
 
@@ -89,7 +91,29 @@ def method_config(workload: str, method: str, args: argparse.Namespace) -> dict[
     return raw
 
 
+def local_majority(workload: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Each client's accuracy when it predicts its training split's most frequent label."""
+    from collections import Counter
+
+    from fedfm import api
+    from fedfm.config import config_from_dict
+    from fedfm.eval.evaluator import fairness_summary
+
+    config = config_from_dict(method_config(workload, "fedavg", args))
+    data = api.build_workload(config, api.build_algorithm(config)).data
+    per_client = {}
+    for client in data.clients:
+        majority = Counter(e["labels"] for e in client.train).most_common(1)[0][0]
+        hits = [e["labels"] == majority for e in client.validation]
+        per_client[client.client_id] = {"accuracy": sum(hits) / max(len(hits), 1)}
+    spread = fairness_summary(per_client, metric="accuracy", higher_is_better=True)
+    return {"own_accuracy_mean": spread["accuracy_mean"],
+            "own_accuracy_worst10": spread["accuracy_worst10"]}
+
+
 def run_one(workload: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    if method == "local_majority":
+        return local_majority(workload, args)
     found, result = measured_run(method_config(workload, method, args), "accuracy")
     last_eval = next((r["eval"] for r in reversed(result.metrics) if "eval" in r), {})
     global_model = last_eval.get("fairness", {})
@@ -131,7 +155,7 @@ def compare(found: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--finetune-steps", type=int, default=8)

@@ -45,11 +45,10 @@ def _last_eval(result: api.RunResult) -> dict:
 
 
 @pytest.mark.slow
-def test_multilingual_nusax_reports_personalized_and_global_accuracy(tmp_path) -> None:
-    result = _run("multilingual_nusax.yaml", tmp_path)
-    last = _last_eval(result)
-    assert last["global"]["accuracy"] > 0.45  # 3 classes; measured 0.51 after 6 rounds
-    assert len(last["personalized"]) == 12 == len(last["per_client"])
+def test_multilingual_nusax_reports_each_languages_accuracy(tmp_path) -> None:
+    last = _last_eval(_run("multilingual_nusax.yaml", tmp_path))
+    assert last["global"]["accuracy"] > 0.45  # 3 classes; the majority class is 0.39
+    assert len(last["per_client"]) == 12 and "accuracy_worst10" in last["fairness"]
 
 
 @pytest.mark.slow
