@@ -20,7 +20,9 @@ from fedfm.config import DataConfig, PartitionConfig
 from fedfm.data import (
     IGNORE_INDEX,
     PARTITIONERS,
+    ClientStats,
     DataError,
+    DataStats,
     PartitionError,
     build_federated_data,
     collate,
@@ -190,6 +192,25 @@ def test_skip_mode_counts_every_skipped_row(tmp_path: Path, minilm: Any) -> None
     console = Console(record=True, width=120)
     console.print(render_stats_table(data.stats))
     assert "skipped 4 rows" in " ".join(console.export_text().split())
+
+
+def test_skew_is_the_mean_total_variation_from_the_pooled_histogram() -> None:
+    def stats(*histograms: dict[str, int]) -> DataStats:
+        clients = [ClientStats(i, sum(h.values()), 0, h) for i, h in enumerate(histograms)]
+        return DataStats("s", "classification", "classification", "p", "label", clients, 0,
+                         "v", sum(c.train_size for c in clients))
+
+    # pooled: a 30, b 30 -> client 0 (a 30) and client 1 (b 30) are each 0.5 away
+    assert stats({"a": 30}, {"b": 30}).skew == pytest.approx(0.5)
+    assert stats({"a": 10, "b": 10}, {"a": 5, "b": 5}).skew == pytest.approx(0.0)
+    # pooled a 40 b 20 (2/3, 1/3): client {a 30, b 0} is 1/3 away; {a 10, b 20} 1/3 away
+    assert stats({"a": 30}, {"a": 10, "b": 20}).skew == pytest.approx(1 / 3)
+    assert stats({}, {}).skew is None
+    one_class = stats({"a": 30}, {"b": 30})
+    assert one_class.to_dict()["skew"] == pytest.approx(0.5)
+    console = Console(record=True, width=200)
+    console.print(render_stats_table(one_class))
+    assert "total): 0.500" in " ".join(console.export_text().split())
 
 
 # --------------------------------------------------------------------------- classification
@@ -505,6 +526,30 @@ def test_shards_limit_classes_per_client() -> None:
     assert label_skew(parts, keys, 10) > 0.6
 
 
+@pytest.mark.parametrize(("num_clients", "per_client", "num_classes"),
+                         [(10, 1, 2), (10, 2, 10), (5, 3, 4), (4, 1, 4), (7, 2, 3)])
+def test_label_quantity_gives_exactly_c_classes_and_keeps_every_row(
+        num_clients: int, per_client: int, num_classes: int) -> None:
+    keys = labels_for(60 * num_classes, num_classes)
+    cfg = PartitionConfig(kind="label_quantity", classes_per_client=per_client)
+    parts = partition(cfg, keys, num_clients, seed=3)
+    assert [len({keys[i] for i in p}) for p in parts] == [per_client] * num_clients
+    assert sorted(i for p in parts for i in p) == list(range(len(keys)))
+    for label in set(keys):  # a class's rows are dealt near-equally over its owners
+        counts = [sum(keys[i] == label for i in p) for p in parts]
+        owned = [c for c in counts if c > 0]
+        assert max(owned) - min(owned) <= 1
+    assert parts == partition(cfg, keys, num_clients, seed=3)
+
+
+def test_label_quantity_refuses_what_would_drop_rows() -> None:
+    keys = labels_for(100, 10)
+    with pytest.raises(PartitionError, match="cannot cover all 10 classes"):
+        partition(PartitionConfig(kind="label_quantity", classes_per_client=2), keys, 4, 0)
+    with pytest.raises(PartitionError, match="only 10 distinct values"):
+        partition(PartitionConfig(kind="label_quantity", classes_per_client=11), keys, 4, 0)
+
+
 def test_quantity_sizes_are_skewed() -> None:
     keys = [None] * 5000
     cfg = PartitionConfig(kind="quantity", alpha=1.0, min_size=20)
@@ -551,6 +596,12 @@ def test_federated_split_is_disjoint_and_seeded(tmp_path: Path, minilm: Any) -> 
     data = build_federated_data(natural, num_clients=4, tokenizer=minilm,
                                 task="classification", max_length=16, seed=1)
     assert [list(c.histogram) for c in data.stats.clients] == [["s0"], ["s1"], ["s2"], ["s3"]]
+    assert data.stats.skew == pytest.approx(0.75, abs=0.05)  # one of 4 ~equal sites each
+
+    one_label = cfg.model_copy(update={"partition": PartitionConfig(kind="label_quantity")})
+    described = describe_federated_data(one_label, num_clients=4, task="classification", seed=1)
+    assert all(len(c.histogram) == 1 for c in described.clients)
+    assert described.skew > 0.4
 
 
 def test_task_and_format_must_fit(tmp_path: Path, minilm: Any) -> None:

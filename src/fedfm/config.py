@@ -95,7 +95,7 @@ class InstructionFields(_Section):
     output: list[str] = Field(default_factory=lambda: ["output", "response"])
 
 
-PartitionKind = Literal["iid", "dirichlet", "natural", "shards", "quantity"]
+PartitionKind = Literal["iid", "dirichlet", "natural", "shards", "quantity", "label_quantity"]
 
 
 class PartitionConfig(_Section):
@@ -105,6 +105,7 @@ class PartitionConfig(_Section):
     alpha: float = Field(default=0.5, gt=0)  # dirichlet concentration; quantity: power-law exponent
     by: str | None = None  # column for dirichlet / natural / shards (default: the label)
     shards_per_client: int = Field(default=2, ge=1)
+    classes_per_client: int = Field(default=1, ge=1)  # label_quantity: exactly this many classes
     min_size: int = Field(default=1, ge=1)
 
 

@@ -53,7 +53,7 @@ FORMAT_TASKS: dict[str, tuple[str, ...]] = {
     "image": ("classification",),  # ViT image classifier (fedfm.data.media)
     "audio": ("seq2seq",),  # Whisper speech-to-text
 }
-KEYED_PARTITIONS = ("dirichlet", "natural", "shards")
+KEYED_PARTITIONS = ("dirichlet", "natural", "shards", "label_quantity")
 _GLOBAL_VAL_STREAM = 1
 _CLIENT_VAL_STREAM = 2
 _VAL_CAP_STREAM = 3

@@ -23,6 +23,10 @@ client's row indices in ascending order. Every partitioner is deterministic give
 - ``shards``: pathological label skew of McMahan et al., "Communication-Efficient Learning of
   Deep Networks from Decentralized Data" (AISTATS 2017): sort by the column, cut into
   ``num_clients * shards_per_client`` shards, give each client ``shards_per_client`` of them.
+- ``label_quantity``: label-quantity skew (#C=c of Li et al., ICDE 2022): every client holds
+  exactly ``classes_per_client`` distinct classes; ownership cycles through a seeded class
+  order so that every class has an owner (and no row is dropped), and each class's rows are
+  dealt at random in near-equal parts to its owners.
 - ``quantity``: quantity skew. Client sizes are proportional to Pareto (power-law) draws with
   shape ``alpha`` (smaller is more skewed), each at least ``min_size``; rows are otherwise
   assigned at random (cf. the quantity-skew setting of Li et al., ICDE 2022).
@@ -229,6 +233,44 @@ def quantity_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: Pa
     return _finish(np.split(order, np.cumsum(sizes)[:-1]))
 
 
+@PARTITIONERS.register("label_quantity", MethodInfo(
+    "adaptability.heterogeneity.partition",
+    "Federated Learning on Non-IID Data Silos: An Experimental Study (Li et al., ICDE 2022)",
+    "data: {partition: {kind: label_quantity, classes_per_client: 1}}",
+    "each client holds exactly c classes (#C=c label-quantity skew)"))
+def label_quantity_partition(keys: Sequence[Any], num_clients: int, seed: int,
+                             cfg: PartitionConfig) -> list[list[int]]:
+    """Client ``i`` owns classes ``order[(i c + j) mod K]``, ``j < c``; each class's rows are
+    split at random, near-equally, over its owners."""
+    codes, values = encode_keys(keys)
+    num_classes, per_client = len(values), cfg.classes_per_client
+    if per_client > num_classes:
+        raise PartitionError(f"label_quantity partition: classes_per_client={per_client} but "
+                             f"the column has only {num_classes} distinct values")
+    if num_clients * per_client < num_classes:
+        raise PartitionError(
+            f"label_quantity partition: {num_clients} clients x {per_client} classes cannot "
+            f"cover all {num_classes} classes (the rows of a class without an owner would be "
+            f"dropped); raise classes_per_client or federation.num_clients")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(num_classes)
+    owners: list[list[int]] = [[] for _ in range(num_classes)]
+    for client in range(num_clients):
+        for j in range(per_client):
+            owners[order[(client * per_client + j) % num_classes]].append(client)
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for code, class_owners in enumerate(owners):
+        rows = rng.permutation(np.flatnonzero(codes == code))
+        for client, chunk in zip(class_owners, np.array_split(rows, len(class_owners)),
+                                 strict=True):
+            parts[client].append(chunk)
+    sizes = [sum(len(chunk) for chunk in chunks) for chunks in parts]
+    if min(sizes) < cfg.min_size:
+        raise PartitionError(f"label_quantity partition: a client gets {min(sizes)} rows, "
+                             f"fewer than min_size={cfg.min_size}")
+    return _finish([np.concatenate(chunks) for chunks in parts])
+
+
 def describe(cfg: PartitionConfig, column: str | None) -> str:
     """A one-line description such as ``dirichlet(alpha=0.5, by=label)``."""
     details: list[str] = []
@@ -236,7 +278,9 @@ def describe(cfg: PartitionConfig, column: str | None) -> str:
         details.append(f"alpha={cfg.alpha:g}")
     if cfg.kind == "shards":
         details.append(f"shards_per_client={cfg.shards_per_client}")
-    if cfg.kind in ("dirichlet", "natural", "shards") and column:
+    if cfg.kind == "label_quantity":
+        details.append(f"classes_per_client={cfg.classes_per_client}")
+    if cfg.kind in ("dirichlet", "natural", "shards", "label_quantity") and column:
         details.append(f"by={column}")
     if cfg.min_size > 1:
         details.append(f"min_size={cfg.min_size}")

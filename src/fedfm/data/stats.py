@@ -47,6 +47,18 @@ class DataStats:
         return sum(c.validation_size for c in self.clients)
 
     @property
+    def skew(self) -> float | None:
+        """Mean over clients of the total-variation distance between a client's histogram and
+        the histogram of all clients' training rows: 0 when every client looks like the whole,
+        near 1 - 1/K when each holds a single one of K equally common values. ``None`` without
+        histograms."""
+        total = _merge([c.histogram for c in self.clients])
+        count = sum(total.values())
+        distances = [total_variation(c.histogram, total, count) for c in self.clients
+                     if sum(c.histogram.values()) > 0]
+        return sum(distances) / len(distances) if distances and count else None
+
+    @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
@@ -64,8 +76,17 @@ class DataStats:
             "global_validation_source": self.global_validation_source,
             "rows_loaded": self.rows_loaded, "skipped": dict(self.skipped),
             "skipped_examples": list(self.skipped_examples), "dropped": dict(self.dropped),
-            "label_names": self.label_names,
+            "label_names": self.label_names, "skew": self.skew,
         }
+
+
+def total_variation(histogram: dict[str, int], reference: dict[str, int],
+                    reference_count: int) -> float:
+    """``(1/2) sum_v |p(v) - q(v)|`` of the two normalized histograms."""
+    size = sum(histogram.values())
+    names = set(histogram) | set(reference)
+    return 0.5 * sum(abs(histogram.get(v, 0) / size - reference.get(v, 0) / reference_count)
+                     for v in names)
 
 
 def compact_histogram(histogram: dict[str, int], bins: int = HISTOGRAM_BINS_SHOWN) -> str:
@@ -110,6 +131,10 @@ def render_stats_table(stats: DataStats) -> Table:
         f" ({_reasons(stats.skipped)})" if stats.skipped else "")
     dropped = f"dropped {stats.num_dropped} examples" + (
         f" ({_reasons(stats.dropped)})" if stats.dropped else "")
-    table.caption = (f"global validation: {stats.global_validation_size} rows "
+    skew = stats.skew
+    measured = ("" if skew is None else
+                f"skew (mean total-variation distance of a client's {key} histogram from the "
+                f"total): {skew:.3f}; ")
+    table.caption = (f"{measured}global validation: {stats.global_validation_size} rows "
                      f"({stats.global_validation_source}); {skipped}; {dropped}")
     return table

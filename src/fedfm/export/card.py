@@ -39,6 +39,7 @@ _ADAPTER_FIELDS = {
 _PARTITION_FIELDS = {
     "iid": ("min_size",), "dirichlet": ("alpha", "by", "min_size"),
     "natural": ("by", "min_size"), "shards": ("shards_per_client", "by", "min_size"),
+    "label_quantity": ("classes_per_client", "by", "min_size"),
     "quantity": ("alpha", "min_size"),
 }
 _PIPELINE_TAGS = {"causal_lm": "text-generation", "classification": "text-classification",
