@@ -54,10 +54,9 @@ def expand_shared_upload(update: ClientUpdate, global_state: State, local_keys: 
     """An upload that holds exactly the shared tensors (every key of ``global_state`` but
     ``local_keys``), with zero deltas added for the local tensors a client never uploads; a
     ValueError (the update is rejected) names what is missing or unexpected."""
-    local = set(local_keys)
-    shared = [k for k in global_state if k not in local]
+    shared = set(global_state) - set(local_keys)
     unexpected = [k for k in update.payload if k not in shared]
-    missing = [k for k in shared if k not in update.payload]
+    missing = [k for k in global_state if k in shared and k not in update.payload]
     if unexpected or missing:
         raise ValueError(f"{method} upload: expected the shared tensors only (missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]})")

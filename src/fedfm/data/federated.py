@@ -39,7 +39,7 @@ from fedfm.data.formats import (
     tokenize_records,
 )
 from fedfm.data.media import collate_media
-from fedfm.data.partition import describe, partition
+from fedfm.data.partition import KEYED_PARTITIONS, describe, partition
 from fedfm.data.sources import DataError, SkipLog
 from fedfm.data.stats import ClientStats, DataStats
 
@@ -53,7 +53,6 @@ FORMAT_TASKS: dict[str, tuple[str, ...]] = {
     "image": ("classification",),  # ViT image classifier (fedfm.data.media)
     "audio": ("seq2seq",),  # Whisper speech-to-text
 }
-KEYED_PARTITIONS = ("dirichlet", "natural", "shards", "label_quantity")
 _GLOBAL_VAL_STREAM = 1
 _CLIENT_VAL_STREAM = 2
 _VAL_CAP_STREAM = 3

@@ -48,6 +48,8 @@ Partitioner = Callable[[Sequence[Any], int, int, PartitionConfig], list[list[int
 PARTITIONERS: Registry[Partitioner] = Registry("partitioner")
 
 DIRICHLET_MAX_TRIES = 1000
+# the partitioners that split by a column (``cfg.by``, default the label)
+KEYED_PARTITIONS = ("dirichlet", "natural", "shards", "label_quantity")
 
 
 class PartitionError(ValueError):
@@ -280,7 +282,7 @@ def describe(cfg: PartitionConfig, column: str | None) -> str:
         details.append(f"shards_per_client={cfg.shards_per_client}")
     if cfg.kind == "label_quantity":
         details.append(f"classes_per_client={cfg.classes_per_client}")
-    if cfg.kind in ("dirichlet", "natural", "shards", "label_quantity") and column:
+    if cfg.kind in KEYED_PARTITIONS and column:
         details.append(f"by={column}")
     if cfg.min_size > 1:
         details.append(f"min_size={cfg.min_size}")
