@@ -114,6 +114,7 @@ def check_components(config: RunConfig) -> None:
     _check_fedkseed(config)
     _check_fedbpt(config)
     from fedfm.adaptability.domains import check_domains
+    from fedfm.adaptability.heterogeneity import check_skew
     from fedfm.adaptability.personalization import check_personalization
     from fedfm.adaptability.preference import check_dpo
     from fedfm.efficiency.distillation import check_distillation
@@ -126,6 +127,7 @@ def check_components(config: RunConfig) -> None:
     check_offsite(config)
     check_personalization(config)
     check_domains(config)
+    check_skew(config)
 
 
 def _check_fedbpt(config: RunConfig) -> None:
@@ -280,6 +282,10 @@ def build_algorithm(config: RunConfig) -> Algorithm:
     _register_components()
     factory = ALGORITHMS.get(config.algorithm.name)
     algorithm = factory(config.algorithm, config.federation.num_clients)
+    if config.algorithm.skew:  # around the algorithm's halves, inside every transform
+        from fedfm.adaptability.heterogeneity import apply_skew
+
+        algorithm = apply_skew(algorithm, config)
     if config.privacy.dp_sgd is not None:  # inside: it replaces the local training
         algorithm = PRIVACY.get("dp_sgd")(algorithm, config)
     if config.algorithm.compression is not None:  # after training: post-processing of DP-SGD

@@ -86,11 +86,12 @@ def registries() -> list[Registry[Any]]:
         PRIVACY,
         RUNTIMES,
         SERVER_OPTIMIZERS,
+        SKEW,
     )
     from fedfm.data.partition import PARTITIONERS
 
     return [ADAPTERS, ALGORITHMS, SERVER_OPTIMIZERS, AGGREGATORS, COMPRESSORS, PARTITIONERS,
-            PRIVACY, ATTACKS, POISONING, RUNTIMES]
+            SKEW, PRIVACY, ATTACKS, POISONING, RUNTIMES]
 
 
 class CatalogueError(RuntimeError):

@@ -458,6 +458,26 @@ class DPOConfig(_Section):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
 
 
+class SkewConfig(_Section):
+    """One method against data skew layered on the algorithm (``algorithm.skew``, a list;
+    ``fedfm.adaptability.heterogeneity``). FedLC (``name: fedlc``): each client trains on
+    logits shifted by ``-tau * n_c^(-1/4)`` for its class counts ``n_c``. FedRS (``fedrs``): the
+    logits of classes a client lacks are scaled by ``alpha``. MOON (``moon``): ``mu`` times a
+    contrastive loss at ``temperature`` pulls each representation toward the global model's
+    and away from the client's previous one. FedBABU (``fedbabu``): the head (tensors whose
+    names contain one of ``head``; None: the task head) stays at its shared initialisation;
+    in the last ``head_rounds`` rounds only the head trains. FedNova (``fednova``): each update
+    is normalized by its number of local steps before averaging."""
+
+    name: str = Field(min_length=1)  # checked against the skew-method registry
+    tau: float = Field(default=1.0, gt=0.0)  # fedlc
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)  # fedrs
+    mu: float = Field(default=1.0, ge=0.0)  # moon
+    temperature: float = Field(default=0.5, gt=0.0)  # moon
+    head: list[str] | None = None  # fedbabu
+    head_rounds: int = Field(default=0, ge=0)  # fedbabu
+
+
 class AlgorithmConfig(_Section):
     """How clients learn: the client procedure and the server rule, found by name."""
 
@@ -479,6 +499,7 @@ class AlgorithmConfig(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     domains: DomainConfig = Field(default_factory=DomainConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    skew: list[SkewConfig] = Field(default_factory=list)  # applied in order, see SkewConfig
 
     @model_validator(mode="after")
     def _zeroth_order_is_plain_sgd(self) -> AlgorithmConfig:

@@ -1,5 +1,12 @@
 """Adaptability: one global model rarely suits every client. Personalization (local fine-tuning,
-personal heads, Ditto, personal + global LoRA), clustering (IFCA, CFL), multi-domain adapters
-and preference alignment (federated DPO). Importing this package registers its algorithms."""
+personal heads, Ditto, personal + global LoRA), clustering (IFCA, CFL), multi-domain adapters,
+preference alignment (federated DPO) and the methods against data skew (FedLC, FedRS, MOON,
+FedBABU, FedNova). Importing this package registers its algorithms."""
 
-from fedfm.adaptability import clustering, domains, personalization, preference  # noqa: F401
+from fedfm.adaptability import (  # noqa: F401
+    clustering,
+    domains,
+    heterogeneity,
+    personalization,
+    preference,
+)

@@ -32,3 +32,7 @@ RUNTIMES: Registry[Any] = Registry("runtime")
 
 COMPRESSORS: Registry[Any] = Registry("compressor")
 """name -> factory ``(CompressorConfig) -> efficiency.compression.Compressor``."""
+
+SKEW: Registry[Any] = Registry("skew method")
+"""name -> factory ``(SkewConfig, RunConfig) -> SkewMethod`` layered on the algorithm
+(``fedfm.adaptability.heterogeneity``)."""
