@@ -351,3 +351,50 @@ def test_moon_trains_a_language_model(tmp_path: Path) -> None:
         "federation": {"rounds": 1}})
     result = fedfm.run(config_from_dict(config), console=False)
     assert math.isfinite(result.metrics[-1]["train_loss"])
+
+
+# ------------------------------------------------------------------ recipe and CLI advice
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "label_skew.yaml"
+
+
+def test_the_recipe_is_what_the_cli_suggests_and_it_validates() -> None:
+    import yaml
+
+    from fedfm.adaptability.heterogeneity.advice import LABEL_SKEW_ALGORITHM
+    from fedfm.config import load_config
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    assert recipe["algorithm"] == LABEL_SKEW_ALGORITHM
+    config = load_config(RECIPE)
+    check_components(config)
+    assert Path(config.data.path).is_file()
+
+
+def test_data_stats_suggests_the_recipe_under_strong_label_skew_only(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from fedfm.cli import app
+
+    runner = CliRunner()
+
+    def stats(name: str, **changes: Any) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw(tmp_path, [], **changes)))
+        result = runner.invoke(app, ["data", "stats", str(path)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    one_class = stats("lq", data={"partition": {"kind": "label_quantity",
+                                                "classes_per_client": 1, "min_size": 1}})
+    assert "label-skew recipe" in one_class and "fedlc" in one_class
+    assert "label-skew recipe" not in stats("iid", data={"partition": {"kind": "iid"}})
+    treated = stats("treated", algorithm={"skew": [{"name": "fedrs"}]},
+                    data={"partition": {"kind": "label_quantity", "classes_per_client": 1,
+                                        "min_size": 1}})
+    assert "label-skew recipe" not in treated
+    by_length = stats("length", data={"partition": {"kind": "length", "alpha": 0.05,
+                                                    "groups": 4, "min_size": 1}})
+    assert "feature skew" in by_length and "finetune_steps" in by_length
+

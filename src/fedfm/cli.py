@@ -105,7 +105,9 @@ def validate(config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
 @data_app.command("stats")
 def data_stats(config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
                set_: SetOption = None) -> None:
-    """Print the per-client data table (sizes, label histograms) for a config."""
+    """Print the per-client data table (sizes, label histograms) for a config, and what to
+    change when the split is strongly skewed."""
+    from fedfm.adaptability.heterogeneity.advice import skew_advice
     from fedfm.api import resolve_task
     from fedfm.data import check_task, describe_federated_data, render_stats_table
 
@@ -119,7 +121,12 @@ def data_stats(config: Annotated[Path, typer.Argument(help="Run config (YAML).")
     except _user_errors() as exc:
         _fail(exc)
         return
-    Console().print(render_stats_table(stats))
+    console = Console()
+    console.print(render_stats_table(stats))
+    advice = skew_advice(stats, run_config)
+    if advice is not None:
+        console.print(f"[yellow]{escape(advice.headline)}[/]")
+        console.print(escape(advice.snippet), end="")
 
 
 @app.command()
