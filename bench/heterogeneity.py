@@ -10,13 +10,15 @@ Partitions (the real MiniLM encoder, LoRA r=8 on query/value plus the classifier
 
 Methods: ``fedavg``, ``fedprox`` (mu 0.01), ``scaffold`` (local SGD), ``fedadam`` (FedAvg with
 the Adam server optimizer), each ``algorithm.skew`` method alone on FedAvg (``fedbabu``,
-``fedlc``, ``fedrs``, ``fednova``, ``moon``), the ``recipe`` (``recipes/label_skew.yaml``'s
-algorithm section, read from the file), and ``centralized``: one client holding every training
-row, trained for ``rounds`` rounds of ``clients x local_steps`` steps, so it sees the same
-number of examples as the federation. Every run evaluates every round; each line gives the
-global validation accuracy by round and at the end, the mean and worst-10% accuracy of the
-global model on the clients' own validation splits, and the points to FedAvg and to
-centralized on the same partition. Each run is its own subprocess.
+``fedlc``, ``fedrs``, ``moon``, and ``fednova`` with ``--nova-epochs`` local epochs, so that
+step counts differ by client, next to its control ``fedavg_epochs``), the ``recipe``
+(``recipes/label_skew.yaml``'s algorithm section, read from the file), and ``centralized``:
+one client holding every training row, trained for ``rounds`` rounds of
+``clients x local_steps`` steps, so it sees the same number of examples as the federation.
+Every run evaluates every round; each line gives the global validation accuracy by round and
+at the end, the mean and worst-10% accuracy of the global model on the clients' own
+validation splits, and the points to FedAvg and to centralized on the same partition. Each
+run is its own subprocess.
 
     python bench/heterogeneity.py [--rounds 10] [--only fedavg,recipe] [--partitions sst2_dir0.3]
 """
@@ -42,7 +44,7 @@ from communication import measured_run  # noqa: E402
 
 PARTITIONS = ("sst2_dir0.1", "sst2_dir0.3", "sst2_lq1", "nusax_lang")
 METHODS = ("fedavg", "fedprox", "scaffold", "fedadam", "fedbabu", "fedlc", "fedrs", "fednova",
-           "moon", "recipe", "centralized")
+           "fedavg_epochs", "moon", "recipe", "centralized")
 
 
 def sst2_data(partition: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -108,6 +110,8 @@ def method_config(partition: str, method: str, args: argparse.Namespace) -> dict
         algorithm["skew"] = [{"name": method}]
         if method == "fednova":  # FedNova matters when clients take different step counts
             local.update(steps=None, epochs=args.nova_epochs)
+    elif method == "fedavg_epochs":  # FedNova's control: the same unequal steps, plain mean
+        local.update(steps=None, epochs=args.nova_epochs)
     elif method == "recipe":
         raw["algorithm"] = recipe_algorithm()
     elif method == "centralized":
@@ -168,7 +172,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="local AdamW rate (all runs)")
     parser.add_argument("--sgd-lr", type=float, default=0.05, help="SCAFFOLD's local SGD rate")
     parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server rate")
-    parser.add_argument("--nova-epochs", type=float, default=0.5,
+    parser.add_argument("--nova-epochs", type=float, default=1.0,
                         help="FedNova's local epochs (steps then differ by client size)")
     parser.add_argument("--only", default=None, help="comma-separated method names")
     parser.add_argument("--partitions", default=",".join(PARTITIONS))
