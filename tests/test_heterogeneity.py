@@ -398,3 +398,27 @@ def test_data_stats_suggests_the_recipe_under_strong_label_skew_only(tmp_path: P
                                                     "groups": 4, "min_size": 1}})
     assert "feature skew" in by_length and "finetune_steps" in by_length
 
+
+
+def test_every_bench_run_is_a_valid_config() -> None:
+    """bench/heterogeneity.py's runs (every partition x method) pass the config checks, and
+    centralized sees as many examples per round as the federation."""
+    import argparse
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "heterogeneity.py"
+    spec = importlib.util.spec_from_file_location("bench_heterogeneity", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(rounds=10, rows=2000, local_steps=10, seed=0, lr=1e-3,
+                              sgd_lr=0.05, server_lr=0.01, nova_epochs=1.0)
+    for partition in bench.PARTITIONS:
+        for method in bench.METHODS:
+            config = config_from_dict(bench.method_config(partition, method, args))
+            check_components(config)
+        central = bench.method_config(partition, "centralized", args)
+        federated = bench.method_config(partition, "fedavg", args)
+        assert central["algorithm"]["local"]["steps"] == (
+            federated["algorithm"]["local"]["steps"]
+            * federated["federation"]["clients_per_round"])
