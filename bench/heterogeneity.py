@@ -14,7 +14,8 @@ the Adam server optimizer), each ``algorithm.skew`` method alone on FedAvg (``fe
 step counts differ by client, next to its control ``fedavg_epochs``), the ``recipe``
 (``recipes/label_skew.yaml``'s algorithm section, read from the file), and ``centralized``:
 one client holding every training row, trained for ``rounds`` rounds of
-``clients x local_steps`` steps, so it sees the same number of examples as the federation.
+``clients x local_steps`` steps, so it sees the same number of examples as the federation
+(at its own ``--central-lr``: the federated rate diverges over that many sequential steps).
 Every run evaluates every round; each line gives the global validation accuracy by round and
 at the end, the mean and worst-10% accuracy of the global model on the clients' own
 validation splits, and the points to FedAvg and to centralized on the same partition. Each
@@ -118,7 +119,7 @@ def method_config(partition: str, method: str, args: argparse.Namespace) -> dict
         clients = raw["federation"]["num_clients"]
         raw["federation"] = {"num_clients": 1, "clients_per_round": 1, "rounds": args.rounds}
         raw["data"]["partition"] = {"kind": "iid"}
-        local["steps"] = args.local_steps * clients
+        local.update(steps=args.local_steps * clients, lr=args.central_lr)
         raw["eval"]["per_client"] = False
     elif method != "fedavg":
         raise ValueError(method)
@@ -138,11 +139,25 @@ def run_one(partition: str, method: str, args: argparse.Namespace) -> dict[str, 
             "wall_s_per_round": round(found["wall_s_per_round"], 2)}
 
 
+_SPAWNED: dict[str, dict[str, Any]] = {}
+
+
 def spawn(partition: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's result, measured in a subprocess; a run whose config equals one already
+    measured in this invocation but for its name (centralized on the SST-2 partitions: one
+    client holding all rows) is not measured again."""
+    raw = method_config(partition, method, args)
+    key = json.dumps({k: v for k, v in raw.items() if k != "name"}, sort_keys=True)
+    if key not in _SPAWNED:
+        _SPAWNED[key] = _measure(partition, method, args)
+    return _SPAWNED[key]
+
+
+def _measure(partition: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", f"{partition}:{method}",
                "--rounds", str(args.rounds), "--rows", str(args.rows),
                "--local-steps", str(args.local_steps), "--seed", str(args.seed),
-               "--lr", str(args.lr),
+               "--lr", str(args.lr), "--central-lr", str(args.central_lr),
                "--sgd-lr", str(args.sgd_lr), "--server-lr", str(args.server_lr),
                "--nova-epochs", str(args.nova_epochs)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -163,19 +178,38 @@ def points(found: dict[str, Any], reference: dict[str, Any] | None, name: str
     return out
 
 
+def reused_baselines(path: Path | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """(partition, method) -> the measured fields of an earlier output's baseline lines."""
+    if path is None:
+        return {}
+    measured = ("val_accuracy", "accuracy_by_round", "best_accuracy", "clients_accuracy_mean",
+                "clients_accuracy_worst10", "skew", "wall_s_per_round")
+    found = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("method") in ("centralized", "fedavg") and "error" not in row:
+            found[(row["partition"], row["method"])] = {k: row.get(k) for k in measured}
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3, help="local AdamW rate (all runs)")
+    parser.add_argument("--lr", type=float, default=5e-3,
+                        help="local AdamW rate of the federated runs")
+    parser.add_argument("--central-lr", type=float, default=1e-3,
+                        help="centralized training's AdamW rate (5e-3 diverges over 1,000 steps)")
     parser.add_argument("--sgd-lr", type=float, default=0.05, help="SCAFFOLD's local SGD rate")
     parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam's server rate")
     parser.add_argument("--nova-epochs", type=float, default=1.0,
                         help="FedNova's local epochs (steps then differ by client size)")
     parser.add_argument("--only", default=None, help="comma-separated method names")
     parser.add_argument("--partitions", default=",".join(PARTITIONS))
+    parser.add_argument("--baselines", default=None, type=Path,
+                        help="reuse the centralized and fedavg lines of an earlier output")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -189,9 +223,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown {unknown}; methods: {', '.join(METHODS)}; partitions: "
                      f"{', '.join(PARTITIONS)}")
+    earlier = reused_baselines(args.baselines)
     for partition in partitions:
-        central = spawn(partition, "centralized", args)
-        baseline = spawn(partition, "fedavg", args)
+        central = earlier.get((partition, "centralized")) or spawn(partition, "centralized",
+                                                                   args)
+        baseline = earlier.get((partition, "fedavg")) or spawn(partition, "fedavg", args)
         for method in chosen:
             found = {"centralized": central, "fedavg": baseline}.get(method) or spawn(
                 partition, method, args)

@@ -411,7 +411,8 @@ def test_every_bench_run_is_a_valid_config() -> None:
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    args = argparse.Namespace(rounds=10, rows=2000, local_steps=10, seed=0, lr=1e-3,
+    args = argparse.Namespace(rounds=10, rows=2000, local_steps=10, seed=0, lr=5e-3,
+                              central_lr=1e-3,
                               sgd_lr=0.05, server_lr=0.01, nova_epochs=1.0)
     for partition in bench.PARTITIONS:
         for method in bench.METHODS:
