@@ -371,6 +371,25 @@ def test_the_recipe_is_what_the_cli_suggests_and_it_validates() -> None:
     assert Path(config.data.path).is_file()
 
 
+def test_skew_advice_picks_fedlc_for_rare_classes_and_fedrs_for_absent_ones(
+        tmp_path: Path) -> None:
+    from fedfm.adaptability.heterogeneity.advice import skew_advice
+    from fedfm.data.stats import ClientStats, DataStats
+
+    config = config_from_dict(raw(tmp_path, []))
+
+    def stats(*histograms: dict[str, int]) -> DataStats:
+        clients = [ClientStats(i, sum(h.values()), 0, h) for i, h in enumerate(histograms)]
+        return DataStats("s", "classification", "classification", "p", "label", clients, 0,
+                         "v", 0, label_names=["a", "b"])
+
+    rare = skew_advice(stats({"a": 90, "b": 10}, {"a": 10, "b": 90}), config)  # skew 0.4
+    assert rare is not None and "fedlc" in rare.snippet and "fedrs" not in rare.snippet
+    absent = skew_advice(stats({"a": 90}, {"a": 10, "b": 90}, {"b": 50}), config)
+    assert absent is not None and "fedrs" in absent.snippet and "67%" in absent.headline
+    assert skew_advice(stats({"a": 50, "b": 40}, {"a": 40, "b": 50}), config) is None
+
+
 def test_data_stats_suggests_the_recipe_under_strong_label_skew_only(tmp_path: Path) -> None:
     import yaml
     from typer.testing import CliRunner
@@ -388,12 +407,12 @@ def test_data_stats_suggests_the_recipe_under_strong_label_skew_only(tmp_path: P
 
     one_class = stats("lq", data={"partition": {"kind": "label_quantity",
                                                 "classes_per_client": 1, "min_size": 1}})
-    assert "label-skew recipe" in one_class and "fedlc" in one_class
+    assert "single class" in one_class and "fedrs" in one_class
     assert "label-skew recipe" not in stats("iid", data={"partition": {"kind": "iid"}})
     treated = stats("treated", algorithm={"skew": [{"name": "fedrs"}]},
                     data={"partition": {"kind": "label_quantity", "classes_per_client": 1,
                                         "min_size": 1}})
-    assert "label-skew recipe" not in treated
+    assert "label-skew recipe" not in treated and "single class" not in treated
     by_length = stats("length", data={"partition": {"kind": "length", "alpha": 0.05,
                                                     "groups": 4, "min_size": 1}})
     assert "feature skew" in by_length and "finetune_steps" in by_length

@@ -18,6 +18,12 @@ from fedfm.config import RunConfig
 from fedfm.data.stats import DataStats
 
 STRONG_SKEW = 0.25  # mean total-variation distance from the pooled histogram
+SINGLE_CLASS_SHARE = 0.2  # this share of single-class clients or more: FedRS, not FedLC
+SINGLE_CLASS_ALGORITHM: dict[str, Any] = {
+    "name": "fedavg",
+    "local": {"steps": 10, "batch_size": 16, "lr": 5.0e-3, "max_grad_norm": 1.0},
+    "skew": [{"name": "fedrs", "alpha": 0.5}],
+}
 LABEL_SKEW_ALGORITHM: dict[str, Any] = {
     "name": "fedavg",
     "local": {"steps": 10, "batch_size": 16, "lr": 5.0e-3, "max_grad_norm": 1.0},
@@ -34,6 +40,13 @@ class Advice:
         return f"{self.headline}\n{self.snippet}"
 
 
+def single_class_share(stats: DataStats) -> float:
+    """The share of clients (with training rows) whose histogram has one nonzero value."""
+    counted = [c for c in stats.clients if sum(c.histogram.values()) > 0]
+    single = [c for c in counted if sum(1 for v in c.histogram.values() if v > 0) == 1]
+    return len(single) / len(counted) if counted else 0.0
+
+
 def skew_advice(stats: DataStats, config: RunConfig) -> Advice | None:
     """A suggestion when the split's skew is strong and the config does not already counter
     it; None otherwise."""
@@ -45,6 +58,12 @@ def skew_advice(stats: DataStats, config: RunConfig) -> Advice | None:
     if by_label:
         if config.algorithm.skew:
             return None
+        if single_class_share(stats) >= SINGLE_CLASS_SHARE:
+            snippet = yaml.safe_dump({"algorithm": SINGLE_CLASS_ALGORITHM}, sort_keys=False)
+            return Advice(f"{measured}, and {single_class_share(stats):.0%} of the clients "
+                          f"hold a single class, which FedLC would leave without a loss; "
+                          f"the restricted softmax (FedRS) keeps them training; merge into "
+                          f"the config:", snippet)
         snippet = yaml.safe_dump({"algorithm": LABEL_SKEW_ALGORITHM}, sort_keys=False)
         return Advice(f"{measured}: the label-skew recipe (recipes/label_skew.yaml) trains "
                       f"with logit calibration (FedLC); merge into the config:", snippet)
