@@ -12,10 +12,12 @@ Methods: ``fedavg``, ``fedprox`` (mu 0.01), ``scaffold`` (local SGD), ``fedadam`
 the Adam server optimizer), each ``algorithm.skew`` method alone on FedAvg (``fedbabu``,
 ``fedlc``, ``fedrs``, ``moon``, and ``fednova`` with ``--nova-epochs`` local epochs, so that
 step counts differ by client, next to its control ``fedavg_epochs``), the ``recipe``
-(``recipes/label_skew.yaml``'s algorithm section, read from the file), and ``centralized``:
-one client holding every training row, trained for ``rounds`` rounds of
+(``recipes/label_skew.yaml``'s algorithm section and model settings, read from the file), and
+``centralized``: one client holding every training row, trained for ``rounds`` rounds of
 ``clients x local_steps`` steps, so it sees the same number of examples as the federation
-(at its own ``--central-lr``: the federated rate diverges over that many sequential steps).
+(at its own ``--central-lr``: the federated rate diverges over that many sequential steps);
+``centralized_recipe`` is the same with the recipe's model settings (its pooling), so the
+recipe is also measured against centralized training of exactly its own model.
 Every run evaluates every round; each line gives the global validation accuracy by round and
 at the end, the mean and worst-10% accuracy of the global model on the clients' own
 validation splits, and the points to FedAvg and to centralized on the same partition. Each
@@ -45,7 +47,7 @@ from communication import measured_run  # noqa: E402
 
 PARTITIONS = ("sst2_dir0.1", "sst2_dir0.3", "sst2_lq1", "nusax_lang")
 METHODS = ("fedavg", "fedprox", "scaffold", "fedadam", "fedbabu", "fedlc", "fedrs", "fednova",
-           "fedavg_epochs", "moon", "recipe", "centralized")
+           "fedavg_epochs", "moon", "recipe", "centralized", "centralized_recipe")
 
 
 def sst2_data(partition: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -92,8 +94,12 @@ def base_config(partition: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def recipe_algorithm() -> dict[str, Any]:
-    return yaml.safe_load(RECIPE.read_text())["algorithm"]
+def recipe_sections() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model settings, algorithm section) of ``recipes/label_skew.yaml``: the model's name
+    and length stay the bench's, its other settings (pooling) are the recipe's."""
+    recipe = yaml.safe_load(RECIPE.read_text())
+    model = {k: v for k, v in recipe["model"].items() if k not in ("name", "max_length")}
+    return model, recipe["algorithm"]
 
 
 def method_config(partition: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -114,8 +120,11 @@ def method_config(partition: str, method: str, args: argparse.Namespace) -> dict
     elif method == "fedavg_epochs":  # FedNova's control: the same unequal steps, plain mean
         local.update(steps=None, epochs=args.nova_epochs)
     elif method == "recipe":
-        raw["algorithm"] = recipe_algorithm()
-    elif method == "centralized":
+        model, raw["algorithm"] = recipe_sections()
+        raw["model"].update(model)
+    elif method in ("centralized", "centralized_recipe"):
+        if method == "centralized_recipe":  # the recipe's model, trained centrally
+            raw["model"].update(recipe_sections()[0])
         clients = raw["federation"]["num_clients"]
         raw["federation"] = {"num_clients": 1, "clients_per_round": 1, "rounds": args.rounds}
         raw["data"]["partition"] = {"kind": "iid"}
@@ -231,10 +240,13 @@ def main() -> None:
         for method in chosen:
             found = {"centralized": central, "fedavg": baseline}.get(method) or spawn(
                 partition, method, args)
+            own_central = (spawn(partition, "centralized_recipe", args)
+                           if method in ("recipe", "centralized_recipe") else None)
             print(json.dumps({"bench": "heterogeneity", "partition": partition,
                               "method": method, "rounds": args.rounds, **found,
                               **points(found, baseline, "fedavg"),
                               **points(found, central, "centralized"),
+                              **points(found, own_central, "centralized_recipe"),
                               "machine": platform.machine(),
                               "python": platform.python_version()}), flush=True)
 

@@ -361,18 +361,22 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "label_skew.yaml"
 def test_the_recipe_is_what_the_cli_suggests_and_it_validates() -> None:
     import yaml
 
-    from fedfm.adaptability.heterogeneity.advice import LABEL_SKEW_ALGORITHM
+    from fedfm.adaptability.heterogeneity.advice import LABEL_SKEW_ALGORITHM, LABEL_SKEW_MODEL
     from fedfm.config import load_config
+    from fedfm.models.loader import minilm_dir
+    from fedfm.models.pooling import declared_pooling
 
     recipe = yaml.safe_load(RECIPE.read_text())
     assert recipe["algorithm"] == LABEL_SKEW_ALGORITHM
+    # the advice's ``auto`` is the recipe's ``mean`` on the recipe's model
+    assert (LABEL_SKEW_MODEL, recipe["model"]["pooling"]) == ({"pooling": "auto"}, "mean")
+    assert recipe["model"]["name"] == "minilm" and declared_pooling(minilm_dir()) == "mean"
     config = load_config(RECIPE)
     check_components(config)
     assert Path(config.data.path).is_file()
 
 
-def test_skew_advice_picks_fedlc_for_rare_classes_and_fedrs_for_absent_ones(
-        tmp_path: Path) -> None:
+def test_skew_advice_suggests_the_recipe_under_label_skew_once(tmp_path: Path) -> None:
     from fedfm.adaptability.heterogeneity.advice import skew_advice
     from fedfm.data.stats import ClientStats, DataStats
 
@@ -383,11 +387,13 @@ def test_skew_advice_picks_fedlc_for_rare_classes_and_fedrs_for_absent_ones(
         return DataStats("s", "classification", "classification", "p", "label", clients, 0,
                          "v", 0, label_names=["a", "b"])
 
-    rare = skew_advice(stats({"a": 90, "b": 10}, {"a": 10, "b": 90}), config)  # skew 0.4
-    assert rare is not None and "fedlc" in rare.snippet and "fedrs" not in rare.snippet
-    absent = skew_advice(stats({"a": 90}, {"a": 10, "b": 90}, {"b": 50}), config)
-    assert absent is not None and "fedrs" in absent.snippet and "67%" in absent.headline
+    skewed = stats({"a": 90, "b": 10}, {"a": 10, "b": 90})  # skew 0.4
+    rare = skew_advice(skewed, config)
+    assert rare is not None and "pooling: auto" in rare.snippet and "fedavg" in rare.snippet
+    assert "skew:" not in rare.snippet
     assert skew_advice(stats({"a": 50, "b": 40}, {"a": 40, "b": 50}), config) is None
+    pooled = config_from_dict(raw(tmp_path, [], model={"pooling": "mean"}))
+    assert skew_advice(skewed, pooled) is None  # already applied
 
 
 def test_data_stats_suggests_the_recipe_under_strong_label_skew_only(tmp_path: Path) -> None:
@@ -407,16 +413,15 @@ def test_data_stats_suggests_the_recipe_under_strong_label_skew_only(tmp_path: P
 
     one_class = stats("lq", data={"partition": {"kind": "label_quantity",
                                                 "classes_per_client": 1, "min_size": 1}})
-    assert "single class" in one_class and "fedrs" in one_class
+    assert "label-skew recipe" in one_class and "pooling: auto" in one_class
     assert "label-skew recipe" not in stats("iid", data={"partition": {"kind": "iid"}})
     treated = stats("treated", algorithm={"skew": [{"name": "fedrs"}]},
                     data={"partition": {"kind": "label_quantity", "classes_per_client": 1,
                                         "min_size": 1}})
-    assert "label-skew recipe" not in treated and "single class" not in treated
+    assert "label-skew recipe" not in treated
     by_length = stats("length", data={"partition": {"kind": "length", "alpha": 0.05,
                                                     "groups": 4, "min_size": 1}})
     assert "feature skew" in by_length and "finetune_steps" in by_length
-
 
 
 def test_every_bench_run_is_a_valid_config() -> None:

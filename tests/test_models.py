@@ -419,3 +419,53 @@ def test_state_on_cuda() -> None:
     set_state(model, new)
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert states.equal(get_state(model), new)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+@needs_minilm
+def test_mean_pooling_classifies_the_masked_mean_of_the_token_states() -> None:
+    plain = load_model(ModelConfig(name="minilm", max_length=32), seed=0, num_labels=2)
+    pooled = load_model(ModelConfig(name="minilm", max_length=32, pooling="mean"), seed=0,
+                        num_labels=2)
+    assert (plain.pooling, pooled.pooling) == ("native", "mean")
+    batch = pooled.tokenizer(["a gripping, funny film", "dull"], padding=True,
+                             return_tensors="pt")
+    assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # padded row
+    with torch.no_grad():
+        logits = pooled.model(**batch).logits
+        states = plain.model.bert(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    by_hand = (states * mask).sum(1) / mask.sum(1)
+    head = plain.model.classifier  # the same seeded head in both models
+    torch.testing.assert_close(logits, head(by_hand), rtol=1e-5, atol=1e-5)
+    # a padded row pools like the same sentence alone
+    alone = pooled.tokenizer(["dull"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(pooled.model(**alone).logits[0], logits[1],
+                                   rtol=1e-4, atol=1e-5)
+
+
+@needs_minilm
+def test_auto_pooling_follows_what_the_checkpoint_declares(tmp_path: Path) -> None:
+    from fedfm.models.pooling import declared_pooling
+
+    assert declared_pooling(loader_module.minilm_dir()) == "mean"
+    assert load_model(ModelConfig(name="minilm", pooling="auto"), num_labels=2).pooling == "mean"
+    assert load_model(ModelConfig(name="tiny-bert", pooling="auto"),
+                      num_labels=2).pooling == "native"
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    assert declared_pooling(tmp_path) == "cls"
+
+
+def test_mean_pooling_is_refused_where_there_is_no_pooler_to_replace() -> None:
+    from fedfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="applies to classification models"):
+        load_model(ModelConfig(name="tiny-llama", pooling="mean"))
+    with pytest.raises(ConfigError, match="classifies without one"):
+        load_model(ModelConfig(name="tiny-gpt2", task="classification", pooling="mean"),
+                   num_labels=2)

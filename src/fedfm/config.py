@@ -45,6 +45,10 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     max_length: int = Field(default=256, ge=8, le=131072)
+    # Classifiers of the BERT family: native reads the architecture's pooler (dense + tanh on
+    # [CLS]); mean reads the masked mean of the token states (what sentence-transformers
+    # checkpoints are trained for); auto: mean when the checkpoint directory declares it.
+    pooling: Literal["native", "mean", "auto"] = "native"
     # Extra keys for a preset's model config (e.g. hidden_size) -- presets only.
     config_overrides: dict[str, Any] = Field(default_factory=dict)
 
@@ -530,6 +534,10 @@ class AlgorithmConfig(_Section):
 # ------------------------------------------------------------- runtime / eval / tracking
 
 
+RAY_FIELDS = frozenset({"address", "num_actors", "actor_cpus", "actor_gpus", "actor_memory_mb",
+                        "min_actors"})
+
+
 class RuntimeConfig(_Section):
     """Where it runs and how fast. ``device: auto`` picks CUDA when present. ``precision``:
     ``fp32``; ``bf16`` (frozen base weights stored in bf16 once, trainable parameters and
@@ -557,6 +565,28 @@ class RuntimeConfig(_Section):
     # most recently used states in memory up to client_store_memory_mb, the rest on disk.
     client_store: Literal["tiered", "memory", "disk"] = "tiered"
     client_store_memory_mb: float = Field(default=512.0, ge=0.0)
+    # kind: ray -- an actor pool, each actor holding one base model and serving many clients.
+    # address: an existing cluster ("auto", "HOST:6379", "ray://HOST:10001"); None starts a
+    # local Ray instance. actor_gpus None: one GPU per actor when the cluster has enough, a
+    # share of them when it has fewer, none without. Fewer than min_actors alive: the run stops
+    # (resume it from its last checkpoint).
+    address: str | None = None
+    num_actors: int = Field(default=2, ge=1)
+    actor_cpus: float = Field(default=1.0, gt=0.0)
+    actor_gpus: float | None = Field(default=None, ge=0.0)
+    actor_memory_mb: float | None = Field(default=None, gt=0.0)
+    min_actors: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _ray_settings_need_ray(self) -> RuntimeConfig:
+        given = sorted(RAY_FIELDS & self.model_fields_set)
+        if given and self.kind != "ray":
+            raise ValueError(f"runtime.{given[0]} applies to runtime.kind 'ray' (this run's "
+                             f"kind is {self.kind!r})")
+        if self.min_actors > self.num_actors:
+            raise ValueError(f"runtime.min_actors ({self.min_actors}) exceeds "
+                             f"runtime.num_actors ({self.num_actors})")
+        return self
 
     @model_validator(mode="after")
     def _cache_or_compile(self) -> RuntimeConfig:

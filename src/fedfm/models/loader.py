@@ -42,6 +42,7 @@ from transformers.utils import logging as hf_logging
 
 from fedfm.config import ModelConfig
 from fedfm.data.media import attach_processor, build_processor
+from fedfm.models.pooling import apply_pooling
 from fedfm.models.presets import (
     BOS,
     CHAT_TEMPLATE,
@@ -86,6 +87,7 @@ class ModelBundle:
     num_labels: int | None
     source: str
     family: str
+    pooling: str = "native"  # model.pooling as applied: native | mean
 
 
 @contextmanager
@@ -127,10 +129,12 @@ def load_model(cfg: ModelConfig, *, seed: int = 0, num_labels: int | None = None
     preset = PRESETS.get(cfg.name)
     task: Task = cfg.task or (preset.task if preset else "causal_lm")
     labels = _resolve_num_labels(cfg.name, task, num_labels, cfg.num_labels)
+    source: str | Path | None = None
     if preset is not None and preset.make_config is not None:
         bundle = _build_tiny(cfg, preset, task, labels, seed)
     elif preset is not None:
-        bundle = _load_pretrained(cfg, minilm_dir(), cfg.name, task, labels, seed, local=True)
+        source = minilm_dir()
+        bundle = _load_pretrained(cfg, source, cfg.name, task, labels, seed, local=True)
     else:
         local = Path(cfg.name).expanduser().is_dir()
         if not local and _looks_like_path(cfg.name):
@@ -138,8 +142,11 @@ def load_model(cfg: ModelConfig, *, seed: int = 0, num_labels: int | None = None
                 f"model {cfg.name!r}: no such local directory, and it is neither a preset "
                 f"({', '.join(PRESETS)}) nor a hub id (namespace/name)"
             )
-        source = str(Path(cfg.name).expanduser().resolve()) if local else cfg.name
-        bundle = _load_pretrained(cfg, source, source, task, labels, seed, local=local)
+        where = str(Path(cfg.name).expanduser().resolve()) if local else cfg.name
+        source = where if local else None
+        bundle = _load_pretrained(cfg, where, where, task, labels, seed, local=local)
+    bundle.pooling = apply_pooling(bundle.model, cfg.pooling, task=bundle.task,
+                                   family=bundle.family, source=source)
     _ensure_pad_token(bundle, seed)
     bundle.model.eval()
     return bundle
