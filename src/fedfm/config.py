@@ -579,7 +579,9 @@ class RuntimeConfig(_Section):
 
     @model_validator(mode="after")
     def _ray_settings_need_ray(self) -> RuntimeConfig:
-        given = sorted(RAY_FIELDS & self.model_fields_set)
+        # a setting away from its default (a dumped config repeats every default)
+        given = sorted(name for name in RAY_FIELDS
+                       if getattr(self, name) != type(self).model_fields[name].default)
         if given and self.kind != "ray":
             raise ValueError(f"runtime.{given[0]} applies to runtime.kind 'ray' (this run's "
                              f"kind is {self.kind!r})")
