@@ -15,7 +15,7 @@ from fedfm.config import ConfigError, RunConfig, config_from_dict
 from fedfm.core.client_store import MemoryClientStore
 from fedfm.core.update import Broadcast
 from fedfm.runtime.local import LocalRuntime
-from tests.conftest import cls_config_dict
+from tests.conftest import cls_config_dict, deep_update
 
 ray = pytest.importorskip("ray")
 
@@ -49,10 +49,7 @@ def config(tmp_path: Path, kind: str, **changes: Any) -> RunConfig:
                                                       "lr": 1e-2}},
             "runtime": runtime,
             "tracking": {"checkpoint_every": 1}}
-    merged = cls_config_dict(tmp_path, **base)
-    for key, value in changes.items():
-        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
-    return config_from_dict(merged)
+    return config_from_dict(cls_config_dict(tmp_path, **deep_update(base, changes)))
 
 
 def final_state(result: Any) -> dict[str, torch.Tensor]:

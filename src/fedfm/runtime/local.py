@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from fedfm.core.algorithm import ClientContext, ClientProcedure
 from fedfm.core.client_store import ClientStore
@@ -35,11 +36,8 @@ class LocalRuntime:
         self.client_store = client_store
 
     def client_context(self, client_id: int, round_index: int) -> ClientContext:
-        workload = self.workload
-        return workload.client_context(
-            workload.data.clients[client_id].train, client_id=client_id, round=round_index,
-            seed=derive_seed(workload.config.seed, round_index, client_id, _CLIENT_STREAM),
-            client_state=self.client_store.get(client_id))
+        return seeded_client_context(self.workload, client_id, round_index,
+                                     self.client_store.get(client_id))
 
     def run_clients(self, client_ids: list[int], broadcast: Broadcast,
                     round: int) -> Iterator[ClientOutcome]:
@@ -62,6 +60,16 @@ class LocalRuntime:
 
     def close(self) -> None:
         return None
+
+
+def seeded_client_context(workload: Workload, client_id: int, round_index: int,
+                          client_state: Any) -> ClientContext:
+    """Client ``client_id``'s context in round ``round_index``: its training shard and its RNG
+    seed derived from (run seed, round, client), the same in every process that runs it."""
+    return workload.client_context(
+        workload.data.clients[client_id].train, client_id=client_id, round=round_index,
+        seed=derive_seed(workload.config.seed, round_index, client_id, _CLIENT_STREAM),
+        client_state=client_state)
 
 
 def personal_models(client: ClientProcedure, global_state: State, store: ClientStore,

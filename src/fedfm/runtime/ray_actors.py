@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -38,12 +39,12 @@ from typing import Any
 
 from fedfm.config import ConfigError, RunConfig
 from fedfm.core.client_store import ClientStore
-from fedfm.core.loop import ClientOutcome, EvalReport, derive_seed
+from fedfm.core.loop import ClientOutcome, EvalReport
 from fedfm.core.registries import RUNTIMES
 from fedfm.core.registry import MethodInfo
 from fedfm.core.state import State
 from fedfm.core.update import Broadcast
-from fedfm.runtime.local import _CLIENT_STREAM, LocalRuntime
+from fedfm.runtime.local import LocalRuntime, seeded_client_context
 from fedfm.runtime.workload import Workload
 
 log = logging.getLogger(__name__)
@@ -129,10 +130,7 @@ class ClientWorker:
         broadcast = self._round_broadcast(round, broadcast_ref[0])
         workload = self.workload
         workload.set_state(broadcast.global_state)
-        context = workload.client_context(
-            workload.data.clients[client_id].train, client_id=client_id, round=round,
-            seed=derive_seed(workload.config.seed, round, client_id, _CLIENT_STREAM),
-            client_state=client_state)
+        context = seeded_client_context(workload, client_id, round, client_state)
         result = workload.client.run(context, broadcast)
         self.served += 1
         return result.update, result.client_state, time.perf_counter() - start
@@ -154,7 +152,6 @@ class ClientWorker:
 class _Task:
     client_id: int
     actor: int  # index into the pool
-    submitted: float
 
 
 @RUNTIMES.register("ray", MethodInfo(
@@ -174,7 +171,6 @@ class RayRuntime:
         self._owns_ray = connect(self.ray, workload.config)
         self.actors: list[Any] = []
         self.alive: list[bool] = []
-        self.placement: list[dict[str, Any]] = []
         try:
             self._start_actors(workload.config)
         except BaseException:
@@ -182,7 +178,6 @@ class RayRuntime:
             raise
         self.rows = {client.client_id: len(client.train) for client in workload.data.clients}
         self.reruns = 0  # clients re-run after their actor died
-        self.inflight: dict[Any, _Task] = {}  # this round's submitted, unanswered clients
 
     def _start_actors(self, config: RunConfig) -> None:
         runtime = config.runtime
@@ -197,7 +192,7 @@ class RayRuntime:
         self.actors = [remote_worker.remote(pinned, threads) for _ in range(runtime.num_actors)]
         self.alive = [True] * len(self.actors)
         try:  # every actor builds its workload now: a config that fails, fails here
-            self.placement = self.ray.get([actor.ready.remote() for actor in self.actors])
+            self.ray.get([actor.ready.remote() for actor in self.actors])
         except self.ray.exceptions.RayTaskError as exc:
             raise ConfigError(f"runtime.kind 'ray': an actor could not build the run's "
                               f"workload: {_cause(exc)}") from exc
@@ -211,7 +206,7 @@ class RayRuntime:
         ray = self.ray
         broadcast_ref = ray.put(broadcast)
         queue = deque(sorted(client_ids, key=lambda cid: (-self.rows.get(cid, 0), cid)))
-        inflight = self.inflight = {}
+        inflight: dict[Any, _Task] = {}
         finished: dict[int, ClientOutcome] = {}
         next_out = 0
         while queue or inflight:
@@ -248,7 +243,7 @@ class RayRuntime:
             client_id = queue.popleft()
             ref = actor.run_client.remote(client_id, round, [broadcast_ref],
                                           self.client_store.get(client_id))
-            inflight[ref] = _Task(client_id, index, time.perf_counter())
+            inflight[ref] = _Task(client_id, index)
 
     def _collect(self, ref: Any, task: _Task) -> ClientOutcome | None:
         """The client's outcome, or None when its actor died before answering."""
@@ -309,7 +304,7 @@ def connect(ray: Any, config: RunConfig) -> bool:
     # A local instance gets at least the CPUs the pool asks for: Ray's CPU counts are
     # scheduling tokens, and a pool larger than the machine (tests, fault drills) still runs.
     needed = runtime.num_actors * runtime.actor_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), **common)
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), **common)
     return True
 
 
